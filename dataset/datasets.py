@@ -1,0 +1,198 @@
+"""Torch datasets over a competition directory: training sequences (with a held-out last click) and test users."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .files import load_indexer, load_item_feats, load_predict_set
+from .mm_emb import load_mm_emb
+from .semantic_ids import CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids
+from .seqfile import SeqFile
+from .store import FeatureSchema, ItemStore, array_value, sparse_value
+
+log = logging.getLogger(__name__)
+
+
+class _Base(Dataset):
+    """Loads indexer, item features, mm embeddings and semantic IDs into an ItemStore."""
+
+    def __init__(self, data_dir: str | os.PathLike, schema: FeatureSchema | None = None,
+                 mm_emb_ids: Iterable[str] = ("81",), maxlen: int = 100,
+                 sid_dirs: Iterable[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None):
+        self.data_dir = Path(data_dir)
+        self.maxlen = maxlen
+        self.sid_dirs = [self.data_dir, *[Path(d) for d in sid_dirs]]
+        self.indexer = load_indexer(self.data_dir / "indexer.pkl")
+        wanted = list(schema.mm) if schema else [str(m) for m in mm_emb_ids]
+        self.mm = load_mm_emb(self.data_dir / "creative_emb", wanted, cache_dir) if wanted else {}
+        if schema is None:
+            schema = FeatureSchema.from_indexer(self.indexer, {f: e.dim for f, e in self.mm.items()})
+        self.schema = schema
+        self.store = ItemStore(schema, self.indexer, load_item_feats(self.data_dir / "item_feat_dict.json"))
+        self._user_raw: dict[int, str] | None = None
+        self.semantic_id_dict: dict[int, list[int]] = {}
+        self.semantic_id_path: Path | None = None
+        self.semantic_id_error: str | None = None
+
+    # --- semantic IDs -------------------------------------------------------------------------------
+    def _load_semantic_ids(self) -> None:
+        self.semantic_id_dict, self.semantic_id_path, self.semantic_id_error = {}, None, None
+        path = find_semantic_id_file(*self.sid_dirs)
+        if path is None:
+            return
+        try:
+            self.semantic_id_dict, _ = load_semantic_ids(path, self.schema.sid_levels, self.schema.sid_codebook)
+            self.semantic_id_path = path
+        except CorruptSemanticIdFile as e:
+            log.warning("semantic IDs unusable: %s", e)
+            self.semantic_id_error = str(e)
+
+    def rebuild(self) -> "_Base":
+        """Reload `semantic_id_dict.json` (after it was generated) and re-attach the IDs to every item."""
+        self._load_semantic_ids()
+        self.store.finalize(self.semantic_id_dict, self.mm)
+        return self
+
+    @property
+    def semantic_id_coverage(self) -> float:
+        """Share of non-padding item slots that have a semantic ID."""
+        n = self.store.num_slots - 1
+        return float((self.store.sid[1:, 0] > 0).sum() / n) if n > 0 else 0.0
+
+    # --- one user's line ----------------------------------------------------------------------------
+    def raw_user_id(self, uid: Any) -> str:
+        if isinstance(uid, str):
+            return uid
+        if self._user_raw is None:
+            self._user_raw = {v: str(k) for k, v in self.indexer["u"].items()}
+        return self._user_raw.get(uid, str(uid))
+
+    def _user_features(self, feats: Mapping | None) -> tuple[np.ndarray, np.ndarray]:
+        s = self.schema
+        feats = feats or {}
+        sparse = np.asarray([sparse_value(feats.get(f, 0), v) for f, v in s.user_sparse.items()], np.int64)
+        arr = np.asarray([array_value(feats.get(f, [0]), v, s.array_len) for f, v in s.user_array.items()],
+                         np.int64).reshape(len(s.user_array), s.array_len)
+        return sparse, arr
+
+    def _parse(self, records: list, register_unseen: bool) -> dict:
+        """Profile features and the time-ordered interactions of one line, items as store slots."""
+        profile, inter = None, []
+        for r in records:
+            uid, item, ufeat, ifeat, action, ts = r
+            if ufeat is not None and item is None:
+                profile = ufeat
+            elif item is not None:
+                inter.append((ts if isinstance(ts, (int, float)) else 0, item, ifeat, action))
+        inter.sort(key=lambda t: t[0])
+        n_items = self.schema.num_items
+        slots, actions = [], []
+        for _, item, ifeat, action in inter:
+            if type(item) is int and 0 < item <= n_items:
+                slot = item
+            elif register_unseen and type(item) is int and item > n_items:  # a raw creative id unseen in training
+                slot = self.store.slot_for(item, ifeat if isinstance(ifeat, dict) else None)
+            else:
+                continue
+            slots.append(slot)
+            actions.append(action if type(action) is int else 0)
+        sparse, arr = self._user_features(profile)
+        return {"user": self.raw_user_id(records[0][0]) if records else "", "slots": slots, "actions": actions,
+                "user_sparse": sparse, "user_array": arr}
+
+    def _left_pad(self, xs: list[int]) -> np.ndarray:
+        out = np.zeros(self.maxlen, np.int64)
+        xs = xs[-self.maxlen:]
+        if xs:
+            out[-len(xs):] = xs
+        return out
+
+
+class TrainDataset(_Base):
+    """Next-item training samples from `seq.jsonl`; each user's last click is held out for validation."""
+
+    def __init__(self, data_dir: str | os.PathLike, **kw: Any):
+        super().__init__(data_dir, **kw)
+        self.seq = SeqFile(self.data_dir / "seq.jsonl", self.data_dir / "seq_offsets.pkl")
+        self.rebuild()
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    @staticmethod
+    def _holdout(actions: list[int]) -> int | None:
+        clicks = [i for i, a in enumerate(actions) if a >= 1]
+        return clicks[-1] if clicks and clicks[-1] > 0 else None
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        u = self._parse(self.seq[i], register_unseen=False)
+        cut = self._holdout(u["actions"])
+        slots = u["slots"][:cut] if cut is not None else u["slots"]
+        acts = u["actions"][:cut] if cut is not None else u["actions"]
+        return {"seq": torch.from_numpy(self._left_pad(slots[:-1])), "pos": torch.from_numpy(self._left_pad(slots[1:])),
+                "action": torch.from_numpy(self._left_pad(acts[1:])),
+                "user_sparse": torch.from_numpy(u["user_sparse"]), "user_array": torch.from_numpy(u["user_array"])}
+
+    def validation_samples(self, max_users: int | None = None) -> dict[str, torch.Tensor]:
+        """History before each user's last click and that click as target, for users that have one."""
+        seqs, targets, us, ua = [], [], [], []
+        n = len(self) if max_users is None else min(len(self), max_users)
+        for i in range(n):
+            u = self._parse(self.seq[i], register_unseen=False)
+            cut = self._holdout(u["actions"])
+            if cut is None:
+                continue
+            seqs.append(self._left_pad(u["slots"][:cut]))
+            targets.append(u["slots"][cut])
+            us.append(u["user_sparse"])
+            ua.append(u["user_array"])
+        return {"seq": torch.as_tensor(np.stack(seqs)) if seqs else torch.zeros(0, self.maxlen, dtype=torch.long),
+                "target": torch.as_tensor(targets, dtype=torch.long),
+                "user_sparse": torch.as_tensor(np.stack(us)) if us else torch.zeros(0, len(self.schema.user_sparse), dtype=torch.long),
+                "user_array": torch.as_tensor(np.stack(ua)) if ua else torch.zeros(0, len(self.schema.user_array), self.schema.array_len, dtype=torch.long)}
+
+
+class TestDataset(_Base):
+    """Test users of `predict_seq.jsonl` and the candidate pool of `predict_set.jsonl`, parsed once.
+
+    Items unseen in training (history items given by raw creative id, cold candidates) get store slots with the
+    features their records carry, so the model embeds them from features and semantic ID.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, **kw: Any):
+        super().__init__(data_dir, **kw)
+        seq = SeqFile(self.data_dir / "predict_seq.jsonl", self.data_dir / "predict_seq_offsets.pkl")
+        self.users: list[str] = []
+        seqs, us, ua, self.histories = [], [], [], []
+        for i in range(len(seq)):
+            u = self._parse(seq[i], register_unseen=True)
+            self.users.append(u["user"])
+            seqs.append(self._left_pad(u["slots"]))
+            self.histories.append(np.unique(np.asarray(u["slots"], np.int64)))
+            us.append(u["user_sparse"])
+            ua.append(u["user_array"])
+        seq.close()
+        s = self.schema
+        self.seqs = np.stack(seqs) if seqs else np.zeros((0, self.maxlen), np.int64)
+        self.user_sparse = np.stack(us) if us else np.zeros((0, len(s.user_sparse)), np.int64)
+        self.user_array = np.stack(ua) if ua else np.zeros((0, len(s.user_array), s.array_len), np.int64)
+        pool = load_predict_set(self.data_dir / "predict_set.jsonl")
+        self.candidates = pool
+        reid_of = self.indexer["i"]
+        self.candidate_slots = np.asarray(
+            [reid_of.get(int(c), 0) or self.store.slot_for(int(c), f) for c, f in zip(pool.creative_ids, pool.features)],
+            np.int64)
+        self.rebuild()
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"seq": torch.from_numpy(self.seqs[i]), "user_sparse": torch.from_numpy(self.user_sparse[i]),
+                "user_array": torch.from_numpy(self.user_array[i])}

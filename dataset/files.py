@@ -1,0 +1,88 @@
+"""Readers for the small files of a competition directory."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .safeio import DataFormatError, load_pickle
+
+log = logging.getLogger(__name__)
+
+
+def load_indexer(path: str | os.PathLike) -> dict:
+    """indexer.pkl: {'u': {raw_uid: reid}, 'i': {creative_id: reid}, 'f': {fid: {raw: reid}}}."""
+    idx = load_pickle(path)
+    if not isinstance(idx, dict) or not all(k in idx for k in ("u", "i", "f")):
+        raise DataFormatError(f"{path}: expected a dict with keys 'u', 'i', 'f'")
+    return idx
+
+
+def load_item_feats(path: str | os.PathLike) -> dict[str, dict]:
+    """item_feat_dict.json: {str(item_reid): {fid: value}}."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except ValueError as e:
+        raise DataFormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise DataFormatError(f"{path}: expected a JSON object")
+    return d
+
+
+def load_action_types(path: str | os.PathLike) -> dict[str, int]:
+    """Optional user_action_type.json: {raw_user_id: 1 (click) | 2 (conversion)}; {} when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (ValueError, AttributeError, TypeError) as e:
+        raise DataFormatError(f"{path}: expected {{user_id: int}}: {e}") from e
+
+
+@dataclass
+class CandidatePool:
+    creative_ids: np.ndarray  # int64 [C]
+    retrieval_ids: np.ndarray  # int64 [C]
+    features: list[dict[str, Any]]
+
+
+def load_predict_set(path: str | os.PathLike) -> CandidatePool:
+    """predict_set.jsonl: one candidate per line; a malformed line fails with its line number."""
+    path = Path(path)
+    cids, rids, feats = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                cids.append(int(obj["creative_id"]))
+                rids.append(int(obj.get("retrieval_id", len(rids))))
+                feats.append(obj.get("features") or {})
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataFormatError(f"{path}: line {n}: bad candidate: {e!r}") from e
+    return CandidatePool(np.asarray(cids, np.int64), np.asarray(rids, np.int64), feats)
+
+
+def load_labels(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Labels (ours, for metrics): one {"user_id", "creative_id", "action_type"} per line -> {user: (cid, action)}."""
+    path = Path(path)
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                out[str(obj["user_id"])] = (int(obj["creative_id"]), int(obj.get("action_type", 1)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataFormatError(f"{path}: line {n}: bad label: {e!r}") from e
+    return out

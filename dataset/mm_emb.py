@@ -1,0 +1,322 @@
+"""Multimodal embeddings (`creative_emb/`): one float32 matrix + one int64 id array per feature, cached on disk.
+
+The first load parses the JSON-lines part files with one regex pass and one `np.fromstring` per chunk (no
+per-line `json.loads`), streams rows into a raw binary cache, and later loads memory-map that cache.
+The cache is valid while every source file keeps its size and mtime.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from .safeio import DataFormatError, atomic_open, cache_root, is_writable_dir, load_pickle, write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_CHUNK_BYTES = 16 << 20
+# One whole line in the format every competition file uses; anything else takes the per-line JSON path.
+_LINE_RE = re.compile(
+    r'^[ \t]*\{[ \t]*"anonymous_cid"[ \t]*:[ \t]*(-?\d+)[ \t]*,[ \t]*"emb"[ \t]*:[ \t]*\[([^\]\n]*)\][ \t]*\}[ \t]*\r?$',
+    re.M,
+)
+_NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
+
+
+@dataclass
+class MMEmbedding:
+    """Embeddings of one feature: row i of `emb` belongs to creative id `ids[i]`."""
+
+    fid: str
+    ids: np.ndarray  # int64 [N]
+    emb: np.ndarray  # float32 [N, dim], possibly a read-only memmap
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    _order: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, creative_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Row of each creative id, -1 where the feature has no embedding for it."""
+        q = np.asarray(creative_ids, dtype=np.int64)
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[self._order]
+        pos = np.searchsorted(sorted_ids, q).clip(0, max(len(sorted_ids) - 1, 0))
+        if len(sorted_ids) == 0:
+            return np.full(q.shape, -1, dtype=np.int64)
+        hit = sorted_ids[pos] == q
+        return np.where(hit, self._order[pos], -1)
+
+
+def find_feature_source(emb_dir: Path, fid: str) -> tuple[Path, int] | None:
+    """The file or folder holding feature `fid` and the dimension its name carries (`emb_{fid}_{dim}`)."""
+    if not emb_dir.is_dir():
+        return None
+    for p in sorted(emb_dir.iterdir()):
+        m = _NAME_RE.match(p.name)
+        if m and m.group(1) == str(fid) and (p.is_dir() or (m.group(3) and p.is_file())):
+            return p, int(m.group(2))
+    return None
+
+
+def _part_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and (p.suffix in (".json", ".jsonl") or p.name.startswith("part-"))
+    )
+
+
+class _Sink:
+    """Collects parsed rows: streamed to cache files when a cache dir is writable, else kept in memory."""
+
+    def __init__(self, dim: int, emb_path: Path | None, ids_path: Path | None):
+        self.dim, self.n = dim, 0
+        self._emb_ctx = atomic_open(emb_path, "wb") if emb_path else None
+        self._ids_ctx = atomic_open(ids_path, "wb") if ids_path else None
+        self._emb_f = self._emb_ctx.__enter__() if self._emb_ctx else None
+        self._ids_f = self._ids_ctx.__enter__() if self._ids_ctx else None
+        self._embs: list[np.ndarray] = []
+        self._ids: list[np.ndarray] = []
+
+    def add(self, ids: np.ndarray, emb: np.ndarray) -> None:
+        if not len(ids):
+            return
+        self.n += len(ids)
+        if self._emb_f:
+            self._emb_f.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+            self._ids_f.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        else:
+            self._embs.append(emb.astype(np.float32, copy=False))
+            self._ids.append(ids.astype(np.int64, copy=False))
+
+    def close(self, ok: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._emb_ctx:
+            exc = (None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)
+            for ctx in (self._emb_ctx, self._ids_ctx):
+                try:
+                    ctx.__exit__(*exc)
+                except RuntimeError:
+                    pass
+            return None
+        if not ok:
+            return None
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        emb = np.concatenate(self._embs) if self._embs else np.zeros((0, self.dim), np.float32)
+        self._embs.clear()
+        return ids, emb
+
+
+def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[int], list[np.ndarray]]:
+    ids, rows = [], []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            cid = int(obj["anonymous_cid"])
+            vec = np.asarray(obj["emb"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError):
+            skipped["unparseable"] = skipped.get("unparseable", 0) + 1
+            continue
+        if vec.shape != (dim,):
+            skipped["wrong_length"] = skipped.get("wrong_length", 0) + 1
+            continue
+        ids.append(cid)
+        rows.append(vec)
+    return ids, rows
+
+
+def parse_chunk(text: str, dim: int, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a block of whole JSON lines into (ids, float32 rows); bad rows are skipped and counted."""
+    empty = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    matches = _LINE_RE.findall(text)
+    n_lines = text.count("\n") + 1
+    if len(matches) != n_lines:  # blank lines are fine; any other unmatched line sends us to the slow path
+        n_lines = sum(1 for ln in text.split("\n") if ln.strip())
+    if len(matches) == n_lines:
+        good = [m for m in matches if m[1].count(",") == dim - 1 and m[1].strip()]
+        if len(good) != len(matches):
+            skipped["wrong_length"] = skipped.get("wrong_length", 0) + len(matches) - len(good)
+        if not good:
+            return empty
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                flat = np.fromstring(",".join(m[1] for m in good), dtype=np.float32, sep=",")
+        except (ValueError, DeprecationWarning):
+            flat = None
+        if flat is not None and flat.size == len(good) * dim:
+            ids = np.fromiter((int(m[0]) for m in good), dtype=np.int64, count=len(good))
+            return ids, flat.reshape(len(good), dim)
+        if len(good) != len(matches):  # undo the count: the slow path below counts every row itself
+            skipped["wrong_length"] -= len(matches) - len(good)
+    # Some line is not in the standard layout (or holds a bad number): parse this chunk line by line.
+    ids, rows = _parse_rows_slow(text.split("\n"), dim, skipped)
+    if not rows:
+        return empty
+    return np.asarray(ids, dtype=np.int64), np.stack(rows)
+
+
+def _iter_chunks(path: Path, bar: tqdm):
+    """Blocks of whole lines, about _CHUNK_BYTES each."""
+    with open(path, "rb") as f:
+        rest = b""
+        while True:
+            block = f.read(_CHUNK_BYTES)
+            bar.update(len(block))
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                rest = block
+                continue
+            rest = block[cut + 1:]
+            yield block[:cut].decode("utf-8", errors="replace")
+        if rest.strip():
+            yield rest.decode("utf-8", errors="replace")
+
+
+def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
+    ok = np.isfinite(emb).all(axis=1)
+    if not ok.all():
+        skipped["non_finite"] = skipped.get("non_finite", 0) + int((~ok).sum())
+        return ids[ok], emb[ok]
+    return ids, emb
+
+
+def _load_pickle_source(path: Path, dim: int, sink: _Sink, skipped: dict) -> None:
+    obj = load_pickle(path)
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: expected a dict {{creative_id: vector}}, got {type(obj).__name__}")
+    ids, rows = [], []
+    for k, v in obj.items():
+        try:
+            vec = np.asarray(v, dtype=np.float32).reshape(-1)
+            cid = int(k)
+        except (TypeError, ValueError):
+            skipped["unparseable"] = skipped.get("unparseable", 0) + 1
+            continue
+        if vec.shape != (dim,):
+            skipped["wrong_length"] = skipped.get("wrong_length", 0) + 1
+            continue
+        ids.append(cid)
+        rows.append(vec)
+    if rows:
+        sink.add(*_drop_nonfinite(np.asarray(ids, np.int64), np.stack(rows), skipped))
+
+
+def _source_signature(files: list[Path]) -> list[list]:
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _cache_dir_for(emb_dir: Path, cache_dir: Path | None) -> Path | None:
+    candidates = [cache_dir] if cache_dir else []
+    candidates += [emb_dir / ".genrec_cache",
+                   cache_root() / "mm_emb" / hashlib.sha1(str(emb_dir.resolve()).encode()).hexdigest()[:16]]
+    for c in candidates:
+        if c is not None and is_writable_dir(c):
+            return c
+    return None
+
+
+def _try_cached(cdir: Path, stem: str, sig: list, dim: int, fid: str) -> MMEmbedding | None:
+    meta_p = cdir / f"{stem}.meta.json"
+    if not meta_p.is_file():
+        return None
+    try:
+        meta = json.loads(meta_p.read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("sources") != sig or meta.get("dim") != dim:
+            return None
+        n = int(meta["n"])
+        emb_p, ids_p = cdir / f"{stem}.f32", cdir / f"{stem}.ids.i64"
+        if emb_p.stat().st_size != n * dim * 4 or ids_p.stat().st_size != n * 8:
+            return None
+        emb = np.memmap(emb_p, dtype=np.float32, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
+        ids = np.fromfile(ids_p, dtype=np.int64)
+        return MMEmbedding(fid, ids, emb, dict(meta.get("skipped", {})))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathLike | None = None,
+                 use_cache: bool = True) -> MMEmbedding | None:
+    """Load one feature; None (with a warning) when `creative_emb/` or the feature is missing."""
+    emb_dir = Path(emb_dir)
+    fid = str(fid)
+    src = find_feature_source(emb_dir, fid)
+    if src is None:
+        if not emb_dir.is_dir():
+            log.warning("no multimodal embeddings: folder %s not found", emb_dir)
+        else:
+            log.warning("multimodal feature %s not found in %s (expected emb_%s_<dim>/ or emb_%s_<dim>.pkl)",
+                        fid, emb_dir, fid, fid)
+        return None
+    path, dim = src
+    files = _part_files(path) if path.is_dir() else [path]
+    if not files:
+        log.warning("multimodal feature %s: %s holds no part files", fid, path)
+        return None
+    sig = _source_signature(files)
+    stem = f"emb_{fid}_{dim}"
+    cdir = _cache_dir_for(emb_dir, Path(cache_dir) if cache_dir else None) if use_cache else None
+    if cdir is not None:
+        cached = _try_cached(cdir, stem, sig, dim, fid)
+        if cached is not None:
+            log.info("mm_emb %s: %d x %d from cache %s", fid, len(cached), dim, cdir)
+            return cached
+
+    skipped: dict = {}
+    sink = _Sink(dim, cdir / f"{stem}.f32" if cdir else None, cdir / f"{stem}.ids.i64" if cdir else None)
+    ok = False
+    try:
+        total = sum(f.stat().st_size for f in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading mm_emb {fid}", leave=False) as bar:
+            for f in files:
+                if f.suffix == ".pkl":
+                    _load_pickle_source(f, dim, sink, skipped)
+                    bar.update(f.stat().st_size)
+                    continue
+                for text in _iter_chunks(f, bar):
+                    sink.add(*_drop_nonfinite(*parse_chunk(text, dim, skipped), skipped))
+        ok = True
+    finally:
+        mem = sink.close(ok)
+    if skipped:
+        log.warning("mm_emb %s: skipped %d bad rows (%s)", fid, sum(skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+    if mem is not None:
+        ids, emb = mem
+        return MMEmbedding(fid, ids, emb, skipped)
+    write_json(cdir / f"{stem}.meta.json", {"version": CACHE_VERSION, "fid": fid, "dim": dim, "n": sink.n,
+                                            "sources": sig, "skipped": skipped})
+    cached = _try_cached(cdir, stem, sig, dim, fid)
+    if cached is None:  # sources changed while we read them: serve this parse, not a cache
+        raise DataFormatError(f"{path}: source files changed while loading; run again")
+    return cached
+
+
+def load_mm_emb(emb_dir: str | os.PathLike, feat_ids: Iterable[str], cache_dir: str | os.PathLike | None = None,
+                use_cache: bool = True) -> dict[str, MMEmbedding]:
+    """Load every listed feature that exists; missing ones are warned about and left out."""
+    out = {}
+    for fid in tqdm([str(f) for f in feat_ids], desc="Loading mm_emb", leave=False):
+        feat = load_feature(emb_dir, fid, cache_dir, use_cache)
+        if feat is not None:
+            out[fid] = feat
+    return out

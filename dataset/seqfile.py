@@ -1,0 +1,89 @@
+"""Random access to a sequence .jsonl through its byte-offsets pickle (one user per line)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .safeio import DataFormatError, load_pickle
+
+log = logging.getLogger(__name__)
+
+
+def scan_offsets(path: str | os.PathLike) -> np.ndarray:
+    """Byte offset of every non-empty line of `path`."""
+    offsets = []
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def _as_offsets(obj: Any, path: Path) -> np.ndarray:
+    if isinstance(obj, dict):  # {line_no: offset}
+        try:
+            return np.asarray([obj[k] for k in sorted(obj)], dtype=np.int64)
+        except Exception as e:
+            raise DataFormatError(f"{path}: offsets dict is not {{int: int}}: {e!r}") from e
+    try:
+        arr = np.asarray(obj, dtype=np.int64)
+    except Exception as e:
+        raise DataFormatError(f"{path}: offsets are not a list of ints: {e!r}") from e
+    if arr.ndim != 1:
+        raise DataFormatError(f"{path}: offsets must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+class SeqFile:
+    """`seq[i]` is the parsed JSON list of line i. Offsets come from `offsets_path`, rebuilt when missing."""
+
+    def __init__(self, path: str | os.PathLike, offsets_path: str | os.PathLike | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"sequence file not found: {self.path}")
+        offsets_path = Path(offsets_path) if offsets_path else self.path.with_name(self.path.stem + "_offsets.pkl")
+        size = self.path.stat().st_size
+        if offsets_path.is_file():
+            self.offsets = _as_offsets(load_pickle(offsets_path), offsets_path)
+            if len(self.offsets) and (self.offsets.min() < 0 or self.offsets.max() >= size):
+                log.warning("%s: offsets point outside %s (stale file?); rebuilding by scanning", offsets_path, self.path.name)
+                self.offsets = scan_offsets(self.path)
+        else:
+            log.warning("%s missing; rebuilding offsets by scanning %s", offsets_path.name, self.path)
+            self.offsets = scan_offsets(self.path)
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the file
+        state = self.__dict__.copy()
+        state["_fh"] = None
+        return state
+
+    def line(self, i: int) -> list:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(int(self.offsets[i]))
+        raw = self._fh.readline()
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:
+            raise DataFormatError(f"{self.path}: line {i + 1}: malformed JSON: {e}") from e
+        if not isinstance(rec, list) or not all(isinstance(r, list) and len(r) == 6 for r in rec):
+            raise DataFormatError(f"{self.path}: line {i + 1}: expected a list of 6-field records")
+        return rec
+
+    __getitem__ = line
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
