@@ -1,0 +1,66 @@
+"""RQ-VAE configuration: defaults are the documented ones; CLI flags map onto the fields one to one."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+METHODS = ("rqvae", "rqkmeans")
+
+
+@dataclass
+class RQVAEConfig:
+    num_quantizers: int = 4
+    codebook_size: int = 256
+    commitment_cost: float = 0.25
+    lr: float = 1e-3
+    num_epochs: int = 20
+    batch_size: int = 1024
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    seed: int = 0
+    method: str = "rqvae"  # "rqvae" (encoder + residual quantizer + decoder) or "rqkmeans" (no network)
+    dedup: bool = False  # move colliding items to free last-level codes within their prefix
+    hidden_dims: tuple[int, ...] = (128,)
+    latent_dim: int = 32
+    kmeans_iters: int = 15
+    kmeans_sample: int = 16384  # points per k-means fit (codebook init and rqkmeans): 64 per code
+    encode_batch_size: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("num_quantizers", "codebook_size", "num_epochs", "batch_size", "latent_dim", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RQVAEConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_args(cls, args: Any) -> "RQVAEConfig":
+        """Fields from an argparse Namespace (or any object/dict); missing or None attributes keep defaults."""
+        src = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, Mapping) else vars(args))
+        return cls.from_dict({k: v for k, v in src.items() if v is not None})
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        """One flag per field, named as the field (`--num_quantizers`), defaulting to None (= the dataclass default)."""
+        for f in fields(cls):
+            default = f.default
+            if f.name == "hidden_dims":
+                p.add_argument("--hidden_dims", type=int, nargs="+", default=None, help=f"default {list(default)}")
+            elif f.type in ("bool", bool):
+                p.add_argument(f"--{f.name}", action="store_true", default=None, help="off by default")
+            elif f.name == "method":
+                p.add_argument("--method", choices=METHODS, default=None, help=f"default {default}")
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+                p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {default}")

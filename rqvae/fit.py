@@ -1,0 +1,178 @@
+"""fit / encode: train an RQ-VAE (or residual k-means) on a plain float matrix and turn rows into codes.
+
+The whole standardised matrix lives as one tensor on the device; batches are index gathers on it (no
+DataLoader, no per-batch host copies). On CUDA OOM the batch is halved, then the run falls back to the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import RQVAEConfig
+from .model import RQVAE
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 65536
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device is not None and device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Set the model's normalisation from `x` and return standardised x on `device`, built chunk by chunk so
+    the host never holds a second full copy besides the input."""
+    n, d = x.shape
+    s = np.zeros(d, np.float64)
+    for lo in range(0, n, _CHUNK):
+        s += x[lo:lo + _CHUNK].sum(0, dtype=np.float64)
+    mean = s / max(n, 1)
+    sq = 0.0
+    for lo in range(0, n, _CHUNK):
+        sq += float(((x[lo:lo + _CHUNK] - mean) ** 2).sum())
+    model.mean.copy_(torch.from_numpy(mean).float())
+    model.scale.fill_(max((sq / max(n * d, 1)) ** 0.5, 1e-8))
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    mean_t, scale = model.mean.to(device), model.scale.to(device)
+    for lo in range(0, n, _CHUNK):
+        out[lo:lo + _CHUNK] = (torch.from_numpy(np.array(x[lo:lo + _CHUNK], np.float32)).to(device) - mean_t) / scale
+    return out
+
+
+def _sample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)[:k] if n > k else torch.arange(n)
+
+
+def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -> tuple[RQVAE, dict]:
+    t = {"start": time.perf_counter()}
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, d = x.shape
+    model = RQVAE(d, cfg)
+    x_std = _standardised(model, x, device)
+    model.to(device)
+    t["normalise"] = time.perf_counter()
+    sample = _sample(n, cfg.kmeans_sample, gen).to(device)
+    with torch.no_grad():
+        model.quantizer.init_from_data(model.encoder(x_std[sample]), cfg.kmeans_iters, gen, batch)
+    t["kmeans_init"] = time.perf_counter()
+    report: dict[str, Any] = {"method": cfg.method, "device": str(device), "batch_size": batch, "epochs": 0}
+    if cfg.method == "rqvae" and cfg.num_epochs > 0:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        amp = device.type == "cuda"
+        L, K = cfg.num_quantizers, cfg.codebook_size
+        offsets = torch.arange(L, device=device) * K
+        reseeded = 0
+        for epoch in range(cfg.num_epochs):
+            perm = torch.randperm(n, generator=gen).to(device)
+            usage = torch.zeros(L * K, dtype=torch.long, device=device)
+            tot = torch.zeros(3, device=device)
+            steps = 0
+            for lo in range(0, n, batch):
+                xb = x_std[perm[lo:lo + batch]]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    recon, codes, commit = model(xb)
+                rec = F.mse_loss(recon.float(), xb)
+                loss = rec + cfg.commitment_cost * commit
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                usage += torch.bincount((codes + offsets).flatten(), minlength=L * K)
+                tot += torch.stack([loss.detach(), rec.detach(), commit.detach()])
+                steps += 1
+            tot = (tot / max(steps, 1)).tolist()
+            if (epoch + 1) % 5 == 0 or epoch + 1 == cfg.num_epochs:
+                log.info("Epoch %d/%d: Loss=%.4f (recon %.4f, commit %.4f)",
+                         epoch + 1, cfg.num_epochs, *tot)
+            if epoch + 1 < cfg.num_epochs and (usage == 0).any():
+                with torch.no_grad():
+                    reseeded += model.quantizer.reseed_dead(model.encoder(x_std[sample]), usage.view(L, K), gen, batch)
+        report.update(epochs=cfg.num_epochs, final_loss=tot[0], final_recon=tot[1], reseeded_codes=reseeded)
+    t["train"] = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        xs = x_std[sample]
+        codes, _ = model.quantizer.encode(model.encoder(xs))
+        z_q = model.quantizer.decode(codes)
+        report["recon_mse"] = float(F.mse_loss(model.decoder(z_q).float(), xs))  # on standardised input: share of variance lost
+    report["seconds"] = {k: round(t[k] - t[p], 4) for p, k in zip(["start", "normalise", "kmeans_init"],
+                                                                  ["normalise", "kmeans_init", "train"])}
+    del x_std
+    return model, report
+
+
+def fit(embeddings: np.ndarray, config: RQVAEConfig | None = None) -> tuple[RQVAE, dict]:
+    """Train on `embeddings` [N, D] (any float array, a memmap included); returns (model in eval mode, report)."""
+    cfg = config or RQVAEConfig()
+    x = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"fit needs a non-empty [N, D] matrix, got shape {x.shape}")
+    if x.shape[0] < cfg.codebook_size:
+        log.warning("%d items < codebook size %d: k-means repeats items as codewords", x.shape[0], cfg.codebook_size)
+    device, batch = resolve_device(cfg.device), cfg.batch_size
+    while True:
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            model, report = _fit_on(x, cfg, device, batch)
+            report.update(peak_memory_mb(device))
+            return model, report
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if batch > 64:
+                batch //= 2
+                log.warning("CUDA out of memory: retrying with batch size %d", batch)
+            else:
+                log.warning("CUDA out of memory even at batch size %d: falling back to CPU", batch)
+                device, batch = torch.device("cpu"), cfg.batch_size
+
+
+@torch.no_grad()
+def encode(model: RQVAE, embeddings: np.ndarray, batch_size: int | None = None,
+           return_residual: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Codes [N, num_quantizers] (int64) for each row; with return_residual also the residual entering the
+    last level (used by dedup to rank alternative last codes)."""
+    device = model.mean.device
+    bs = batch_size or model.cfg.encode_batch_size
+    x = embeddings
+    n = x.shape[0]
+    L = model.cfg.num_quantizers
+    codes = np.zeros((n, L), np.int64)
+    resid = None
+    model.eval()
+    lo = 0
+    while lo < n:
+        try:
+            xb = torch.from_numpy(np.array(x[lo:lo + bs], np.float32)).to(device)
+            c, last_r = model.quantizer.encode(model.encoder(model.standardise(xb)).float())
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if bs <= 256:
+                raise
+            bs //= 2
+            log.warning("CUDA out of memory while encoding: batch size %d", bs)
+            continue
+        codes[lo:lo + len(c)] = c.cpu().numpy()
+        if return_residual:
+            if resid is None:
+                resid = np.zeros((n, last_r.shape[1]), np.float32)
+            resid[lo:lo + len(c)] = last_r.cpu().numpy()
+        lo += len(c)
+    return (codes, resid) if return_residual else codes

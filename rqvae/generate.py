@@ -1,0 +1,159 @@
+"""From `creative_emb/` to `semantic_id_dict.json`: load features, merge them, train (or reuse) a model,
+encode every item, optionally dedup, write the IDs and a report."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from dataset.mm_emb import MMEmbedding, load_mm_emb
+from dataset.safeio import is_writable_dir, write_json
+from dataset.semantic_ids import SEMANTIC_ID_FILE, save_semantic_ids
+
+from .config import RQVAEConfig
+from .dedup import dedup_codes
+from .fit import encode, fit, peak_memory_mb
+from .model import RQVAE
+from .stats import collision_stats, level_stats
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "semantic_id_report.json"
+
+
+def merge_features(feats: Mapping[str, MMEmbedding]) -> tuple[np.ndarray, np.ndarray]:
+    """(creative ids [N], matrix [N, D]) over the union of items. Same dims: the mean of the features an item
+    has. Different dims: each feature L2-normalised, blocks concatenated, zeros where an item lacks one."""
+    feats = [f for f in feats.values() if len(f)]
+    if not feats:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    if len(feats) == 1:
+        f = feats[0]
+        ids, first = np.unique(f.ids, return_index=True)
+        return ids, (np.asarray(f.emb) if len(first) == len(f.ids) and np.all(first[1:] > first[:-1])
+                     else np.asarray(f.emb)[first])
+    ids = np.unique(np.concatenate([f.ids for f in feats]))
+    same = len({f.dim for f in feats}) == 1
+    width = feats[0].dim if same else sum(f.dim for f in feats)
+    out = np.zeros((len(ids), width), np.float32)
+    count = np.zeros(len(ids), np.float32)
+    col = 0
+    for f in feats:
+        pos = np.searchsorted(ids, f.ids)
+        for lo in range(0, len(f.ids), 65536):
+            rows = np.asarray(f.emb[lo:lo + 65536], np.float32)
+            p = pos[lo:lo + 65536]
+            if same:
+                out[p] += rows
+            else:
+                out[p, col:col + f.dim] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        count[pos] += 1
+        col += 0 if same else f.dim
+    if same:
+        out /= np.maximum(count, 1)[:, None]
+    return ids, out
+
+
+def _usable_rows(x: np.ndarray) -> np.ndarray:
+    """Rows that are finite and not all zero."""
+    ok = np.ones(len(x), bool)
+    for lo in range(0, len(x), 65536):
+        b = np.asarray(x[lo:lo + 65536])
+        ok[lo:lo + 65536] = np.isfinite(b).all(1) & (np.abs(b).sum(1) > 0)
+    return ok
+
+
+def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: RQVAE | None = None,
+                       ) -> tuple[dict[int, list[int]], RQVAE, dict]:
+    """Train (unless `model` is given), encode and (optionally) dedup. Returns (ids dict, model, report)."""
+    t0 = time.perf_counter()
+    ok = _usable_rows(x)
+    skipped = int((~ok).sum())
+    if skipped:
+        log.warning("skipping %d items whose embedding is all zero or not finite", skipped)
+        ids, x = ids[ok], x[ok]
+    if len(ids) == 0:
+        raise ValueError("no usable embeddings")
+    report: dict[str, Any] = {"items": int(len(ids)), "dim": int(x.shape[1]), "skipped_bad_rows": skipped}
+    if model is None:
+        model, fit_report = fit(x, cfg)
+        report["fit"] = fit_report
+        report["source"] = "trained"
+    else:
+        report["source"] = "encoded with existing model"
+    t1 = time.perf_counter()
+    codes, last_r = encode(model, x, return_residual=True)
+    t2 = time.perf_counter()
+    report["collisions_before_dedup"] = collision_stats(codes)
+    if cfg.dedup:
+        last_cb = model.quantizer.codebooks[-1].detach().cpu().numpy()
+        codes, info = dedup_codes(codes, last_r, last_cb)
+        report["dedup"] = info
+        if info["unresolved"]:
+            log.warning("dedup: %d items still share an ID (their 3-code prefix has no free last code)", info["unresolved"])
+    del last_r
+    K = model.cfg.codebook_size
+    report.update(collision_stats(codes))
+    report["levels"] = level_stats(codes, K)
+    report["seconds"] = {"train": round(t1 - t0, 3), "encode": round(t2 - t1, 3),
+                         "dedup": round(time.perf_counter() - t2, 3)}
+    report["memory"] = peak_memory_mb()
+    sids = {int(c): row for c, row in zip(ids.tolist(), codes.tolist())}
+    return sids, model, report
+
+
+def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], args: Any = None,
+                                    model: RQVAE | None = None, output_dir: str | os.PathLike | None = None,
+                                    model_dir: str | os.PathLike | None = None) -> dict[int, list[int]]:
+    """Load the listed creative_emb features of `data_path`, merge, train (or encode with `model`), write
+    `semantic_id_dict.json` + `semantic_id_report.json` into `output_dir` (default: `data_path`) and return the IDs.
+    Returns {} with a warning naming the cause when no feature can be loaded. Raises OSError before any
+    training when the output folder is not writable."""
+    data_path = Path(data_path)
+    cfg = RQVAEConfig.from_args(args) if args is not None else RQVAEConfig()
+    out = Path(output_dir) if output_dir else data_path
+    if not is_writable_dir(out):
+        raise PermissionError(f"cannot write semantic IDs: folder {out} is not writable")
+    t0 = time.perf_counter()
+    mm_emb_ids = [str(m) for m in mm_emb_ids]
+    feats = load_mm_emb(data_path / "creative_emb", mm_emb_ids)
+    t_load = time.perf_counter() - t0
+    if not feats:
+        log.warning("no semantic IDs generated: none of the multimodal features %s could be loaded from %s",
+                    mm_emb_ids, data_path / "creative_emb")
+        return {}
+    ids, x = merge_features(feats)
+    if model is not None and x.shape[1] != model.in_dim:
+        raise ValueError(f"model expects {model.in_dim}-d input, features {list(feats)} merge to {x.shape[1]}-d")
+    log.info("got %d items' multimodal features, dim %d", len(ids), x.shape[1])
+    sids, model, report = build_semantic_ids(ids, x, cfg, model)
+    del x
+    report["features"] = {f: {"items": len(e), "dim": e.dim, "skipped": e.skipped} for f, e in feats.items()}
+    report["seconds"]["load"] = round(t_load, 3)
+    report.update(_coverage(data_path, ids))
+    log.info("generated semantic_id for %d items", len(sids))
+    path = out / SEMANTIC_ID_FILE
+    save_semantic_ids(path, sids)
+    write_json(out / REPORT_FILE, report)
+    if model_dir is not None:
+        model.save(model_dir)
+    log.info("saved semantic_id to %s", path)
+    log.info("semantic ID report: %d items, collision rate %.4f, largest group %d, usage per level %s",
+             report["items"], report["collision_rate"], report["largest_group"], [lv["used"] for lv in report["levels"]])
+    return sids
+
+
+def _coverage(data_path: Path, ids: np.ndarray) -> dict:
+    """Training items (indexer) that got no ID because no requested feature covers them."""
+    idx_path = data_path / "indexer.pkl"
+    if not idx_path.is_file():
+        return {}
+    from dataset.files import load_indexer
+    known = np.fromiter(load_indexer(idx_path)["i"].keys(), np.int64)
+    covered = np.isin(known, ids)
+    return {"indexed_items": int(len(known)), "indexed_items_without_feature": int((~covered).sum()),
+            "coverage": float(covered.mean()) if len(known) else 0.0}

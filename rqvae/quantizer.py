@@ -1,0 +1,117 @@
+"""Residual quantizer: one codebook per level, initialised by k-means on that level's residuals and updated by
+exponential moving averages (no codebook gradients: cheaper per step and no codebook-loss scale to tune)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kmeans import kmeans, nearest
+
+log = logging.getLogger(__name__)
+
+
+class ResidualQuantizer(nn.Module):
+    """Level l quantizes what levels < l left over. Used by the RQ-VAE (on its latent) and by rqkmeans (on x)."""
+
+    def __init__(self, num_levels: int, codebook_size: int, dim: int, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("codebooks", torch.zeros(num_levels, codebook_size, dim))
+        self.register_buffer("ema_count", torch.ones(num_levels, codebook_size))
+        self.register_buffer("ema_sum", torch.zeros(num_levels, codebook_size, dim))
+
+    @property
+    def num_levels(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebooks.shape[1]
+
+    @torch.no_grad()
+    def _set_code(self, lvl: int, which: torch.Tensor | slice, vectors: torch.Tensor, count: float) -> None:
+        self.codebooks[lvl, which] = vectors
+        self.ema_count[lvl, which] = count
+        self.ema_sum[lvl, which] = vectors * count
+
+    @torch.no_grad()
+    def init_from_data(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None,
+                       batch_size: int = 1024) -> None:
+        """k-means on the residuals of each level, in order."""
+        if z.shape[0] < self.codebook_size:
+            log.info("only %d points for %d codes per level: codebooks repeat points", z.shape[0], self.codebook_size)
+        r = z.float().clone()
+        for lvl in range(self.num_levels):
+            c = kmeans(r, self.codebook_size, iters, generator)
+            self._set_code(lvl, slice(None), c, batch_size / self.codebook_size)
+            idx, _ = nearest(r, c)
+            r -= c[idx]
+
+    @torch.no_grad()
+    def reseed_dead(self, z: torch.Tensor, usage: torch.Tensor, generator: torch.Generator | None = None,
+                    batch_size: int = 1024) -> int:
+        """Move codes unused in `usage` [levels, K] onto residuals of `z` that are quantized worst."""
+        r = z.float().clone()
+        moved = 0
+        for lvl in range(self.num_levels):
+            cb = self.codebooks[lvl]
+            idx, dist = nearest(r, cb)
+            dead = (usage[lvl] == 0).nonzero().flatten()
+            k = min(len(dead), r.shape[0])
+            if k:
+                # sample among the worst-served quarter so reseeded codes do not all land on a few outliers
+                pool = dist.topk(max(k, r.shape[0] // 4)).indices
+                pick = pool[torch.randperm(len(pool), generator=generator)[:k].to(pool.device)]
+                self._set_code(lvl, dead[:k], r[pick], batch_size / self.codebook_size)
+                moved += k
+                idx, _ = nearest(r, cb)
+            r -= cb[idx]
+        return moved
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(straight-through quantized z, codes [B, levels], commitment loss). In training mode the codebooks
+        follow the EMA of the residuals assigned to them."""
+        r = z.detach().float()
+        partial = torch.zeros_like(r)
+        codes, commit = [], z.new_zeros((), dtype=torch.float32)
+        c_sq = (self.codebooks * self.codebooks).sum(2)
+        for lvl in range(self.num_levels):
+            cb = self.codebooks[lvl]
+            idx = torch.addmm(c_sq[lvl], r, cb.T, alpha=-2.0).argmin(1)
+            q = F.embedding(idx, cb)
+            if self.training:
+                self._ema_update(lvl, idx, r)
+            partial = partial + q
+            commit = commit + F.mse_loss(z.float(), partial)  # RQ-VAE paper: commit to every partial sum
+            r = r - q
+            codes.append(idx)
+        z_q = z + (partial.to(z.dtype) - z).detach()
+        return z_q, torch.stack(codes, 1), commit
+
+    @torch.no_grad()
+    def _ema_update(self, lvl: int, idx: torch.Tensor, r: torch.Tensor) -> None:
+        d = self.decay
+        self.ema_count[lvl].mul_(d).add_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype), alpha=1 - d)
+        self.ema_sum[lvl].mul_(d).index_add_(0, idx, r, alpha=1 - d)
+        self.codebooks[lvl].copy_(self.ema_sum[lvl] / self.ema_count[lvl].clamp_min(1e-5)[:, None])
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [N, levels], residual entering the last level)."""
+        r = z.float().clone()
+        codes = []
+        last_r = r
+        for lvl in range(self.num_levels):
+            if lvl == self.num_levels - 1:
+                last_r = r.clone()
+            idx, _ = nearest(r, self.codebooks[lvl])
+            r -= self.codebooks[lvl][idx]
+            codes.append(idx)
+        return torch.stack(codes, 1), last_r
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the codewords of `codes` [N, levels]."""
+        return sum(self.codebooks[lvl][codes[:, lvl]] for lvl in range(self.num_levels))

@@ -1,0 +1,36 @@
+"""Quality figures of a set of semantic IDs: collisions, per-level usage and perplexity."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def collision_stats(codes: np.ndarray) -> dict:
+    """collision_rate = 1 - unique IDs / items; largest_group = most items sharing one ID."""
+    n = len(codes)
+    if n == 0:
+        return {"items": 0, "unique_ids": 0, "collision_rate": 0.0, "largest_group": 0}
+    _, counts = np.unique(codes, axis=0, return_counts=True)
+    return {"items": n, "unique_ids": len(counts), "collision_rate": float(1 - len(counts) / n),
+            "largest_group": int(counts.max())}
+
+
+def level_stats(codes: np.ndarray, codebook_size: int) -> list[dict]:
+    """Per level: codes used and perplexity (exp of the code distribution's entropy; codebook_size at best)."""
+    out = []
+    for lvl in range(codes.shape[1]):
+        cnt = np.bincount(codes[:, lvl], minlength=codebook_size).astype(np.float64)
+        p = cnt[cnt > 0] / max(cnt.sum(), 1)
+        out.append({"level": lvl, "used": int((cnt > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    return out
+
+
+def neighbour_agreement(x: np.ndarray, codes: np.ndarray, k: int = 10, sample: int = 2000, seed: int = 0) -> float:
+    """How often an item and each of its k nearest neighbours (cosine, in x) share the first code."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    q = rng.choice(n, min(sample, n), replace=False)
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims = xn[q] @ xn.T
+    sims[np.arange(len(q)), q] = -np.inf
+    nn = np.argpartition(-sims, k, axis=1)[:, :k]
+    return float((codes[nn, 0] == codes[q, 0][:, None]).mean())
