@@ -42,16 +42,19 @@ class _Base(Dataset):
 
     # --- semantic IDs -------------------------------------------------------------------------------
     def _load_semantic_ids(self) -> None:
+        """The first readable `semantic_id_dict.json` among `sid_dirs`; corrupt ones are reported and skipped."""
         self.semantic_id_dict, self.semantic_id_path, self.semantic_id_error = {}, None, None
-        path = find_semantic_id_file(*self.sid_dirs)
-        if path is None:
-            return
-        try:
-            self.semantic_id_dict, _ = load_semantic_ids(path, self.schema.sid_levels, self.schema.sid_codebook)
-            self.semantic_id_path = path
-        except CorruptSemanticIdFile as e:
-            log.warning("semantic IDs unusable: %s", e)
-            self.semantic_id_error = str(e)
+        for d in self.sid_dirs:
+            path = find_semantic_id_file(d)
+            if path is None:
+                continue
+            try:
+                self.semantic_id_dict, _ = load_semantic_ids(path, self.schema.sid_levels, self.schema.sid_codebook)
+                self.semantic_id_path = path
+                return
+            except CorruptSemanticIdFile as e:
+                log.warning("semantic IDs unusable: %s", e)
+                self.semantic_id_error = str(e)
 
     def rebuild(self) -> "_Base":
         """Reload `semantic_id_dict.json` (after it was generated) and re-attach the IDs to every item."""

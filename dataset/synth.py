@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,30 @@ def _fmt_rows(ids: np.ndarray, mat: np.ndarray) -> str:
     return "".join('{"anonymous_cid": %d, "emb": [%s]}\n' % (c, row_fmt % tuple(r)) for c, r in zip(ids, mat.tolist()))
 
 
-def generate(out: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
-    """Write the whole world to `out` (created); returns the path."""
-    out = Path(out)
+EVAL_FILES = ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "labels.jsonl")
+SHARED_FILES = ("indexer.pkl", "item_feat_dict.json", "creative_emb")
+
+
+def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), eval_out: str | Path | None = None) -> Path:
+    """Write the whole world to `out` (created); returns the path. With `eval_out`, the evaluation files go
+    there instead, with copies of the files the competition's eval dir also carries (indexer, item features,
+    creative_emb), as two separate directories like the competition's TRAIN_DATA_PATH and EVAL_DATA_PATH."""
+    _generate(Path(out), cfg)
+    if eval_out is not None:
+        ev = Path(eval_out)
+        ev.mkdir(parents=True, exist_ok=True)
+        for name in EVAL_FILES:
+            shutil.move(str(Path(out) / name), str(ev / name))
+        for name in SHARED_FILES:
+            src = Path(out) / name
+            if src.is_dir():
+                shutil.copytree(src, ev / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+            else:
+                shutil.copy2(src, ev / name)
+    return Path(out)
+
+
+def _generate(out: Path, cfg: SynthConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     N, T = cfg.items, cfg.topics
@@ -190,12 +212,12 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
                     f.write(_fmt_rows(creative[sel], emb[sel]))
     log.info("demo world: %d items (%d cold), %d train users, %d test users -> %s",
              N, int(cold.sum()), cfg.users, cfg.test_users, out)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="training dir (and eval dir unless --eval-out)")
+    p.add_argument("--eval-out", default=None, help="write the evaluation files to this separate dir")
     d = SynthConfig()
     for name in ("users", "test_users", "items", "topics", "seed", "min_len", "max_len"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
@@ -206,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     mm = tuple(tuple(int(x) for x in s.split(":")) for s in a.mm)
     cfg = SynthConfig(users=a.users, test_users=a.test_users, items=a.items, topics=a.topics, seed=a.seed,
                       min_len=a.min_len, max_len=a.max_len, cold_frac=a.cold_frac, mm=mm)
-    generate(a.out, cfg)
+    generate(a.out, cfg, a.eval_out)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@
 """
 from .config import RQVAEConfig
 from .fit import encode, fit
-from .generate import build_semantic_ids, generate_semantic_ids_on_demand, merge_features
+from .generate import build_semantic_ids, generate_semantic_ids, generate_semantic_ids_on_demand, merge_features
 from .model import RQVAE
 
 load = RQVAE.load
 
-__all__ = ["RQVAEConfig", "RQVAE", "fit", "encode", "load", "build_semantic_ids", "generate_semantic_ids_on_demand",
+__all__ = ["RQVAEConfig", "RQVAE", "fit", "encode", "load", "build_semantic_ids", "generate_semantic_ids", "generate_semantic_ids_on_demand",
            "merge_features"]

@@ -131,7 +131,8 @@ def fit(embeddings: np.ndarray, config: RQVAEConfig | None = None) -> tuple[RQVA
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            model, report = _fit_on(x, cfg, device, batch)
+            with torch.enable_grad():
+                model, report = _fit_on(x, cfg, device, batch)
             report.update(peak_memory_mb(device))
             return model, report
         except torch.cuda.OutOfMemoryError:

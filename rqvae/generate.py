@@ -106,15 +106,16 @@ def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: 
     return sids, model, report
 
 
-def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], args: Any = None,
-                                    model: RQVAE | None = None, output_dir: str | os.PathLike | None = None,
-                                    model_dir: str | os.PathLike | None = None) -> dict[int, list[int]]:
-    """Load the listed creative_emb features of `data_path`, merge, train (or encode with `model`), write
-    `semantic_id_dict.json` + `semantic_id_report.json` into `output_dir` (default: `data_path`) and return the IDs.
-    Returns {} with a warning naming the cause when no feature can be loaded. Raises OSError before any
-    training when the output folder is not writable."""
+def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], cfg: RQVAEConfig | None = None,
+                          model: RQVAE | None = None, known: Mapping[int, list[int]] | None = None,
+                          output_dir: str | os.PathLike | None = None
+                          ) -> tuple[dict[int, list[int]], RQVAE | None, dict]:
+    """The work behind generate_semantic_ids_on_demand; also returns the model and the report.
+
+    With `model`, items are encoded with it (no training). Items in `known` keep their IDs and are not encoded
+    again (IDs a checkpoint was trained with stay exactly as they were)."""
     data_path = Path(data_path)
-    cfg = RQVAEConfig.from_args(args) if args is not None else RQVAEConfig()
+    cfg = cfg or RQVAEConfig()
     out = Path(output_dir) if output_dir else data_path
     if not is_writable_dir(out):
         raise PermissionError(f"cannot write semantic IDs: folder {out} is not writable")
@@ -125,25 +126,49 @@ def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: It
     if not feats:
         log.warning("no semantic IDs generated: none of the multimodal features %s could be loaded from %s",
                     mm_emb_ids, data_path / "creative_emb")
-        return {}
+        return {}, model, {"items": 0, "error": "no multimodal feature could be loaded"}
     ids, x = merge_features(feats)
+    log.info("got %d items' multimodal features, dim %d", len(ids), x.shape[1])
     if model is not None and x.shape[1] != model.in_dim:
         raise ValueError(f"model expects {model.in_dim}-d input, features {list(feats)} merge to {x.shape[1]}-d")
-    log.info("got %d items' multimodal features, dim %d", len(ids), x.shape[1])
-    sids, model, report = build_semantic_ids(ids, x, cfg, model)
+    known = dict(known or {})
+    if known:
+        todo = ~np.isin(ids, np.fromiter(known.keys(), np.int64, len(known)))
+        ids, x = ids[todo], x[todo]
+    if len(ids):
+        sids, model, report = build_semantic_ids(ids, x, cfg, model)
+    else:
+        sids, report = {}, {"items": 0, "source": "all items already had IDs"}
     del x
+    report["reused_ids"] = len(known)
+    sids.update(known)
     report["features"] = {f: {"items": len(e), "dim": e.dim, "skipped": e.skipped} for f, e in feats.items()}
-    report["seconds"]["load"] = round(t_load, 3)
-    report.update(_coverage(data_path, ids))
+    report.setdefault("seconds", {})["load"] = round(t_load, 3)
+    report.update(_coverage(data_path, np.fromiter(sids.keys(), np.int64, len(sids))))
     log.info("generated semantic_id for %d items", len(sids))
     path = out / SEMANTIC_ID_FILE
     save_semantic_ids(path, sids)
     write_json(out / REPORT_FILE, report)
-    if model_dir is not None:
-        model.save(model_dir)
     log.info("saved semantic_id to %s", path)
-    log.info("semantic ID report: %d items, collision rate %.4f, largest group %d, usage per level %s",
-             report["items"], report["collision_rate"], report["largest_group"], [lv["used"] for lv in report["levels"]])
+    if "collision_rate" in report:
+        log.info("semantic ID report: %d items, collision rate %.4f, largest group %d, codes used per level %s",
+                 report["items"], report["collision_rate"], report["largest_group"],
+                 [lv["used"] for lv in report["levels"]])
+    return sids, model, report
+
+
+def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], args: Any = None,
+                                    model: RQVAE | None = None, output_dir: str | os.PathLike | None = None,
+                                    model_dir: str | os.PathLike | None = None,
+                                    known: Mapping[int, list[int]] | None = None) -> dict[int, list[int]]:
+    """Load the listed creative_emb features of `data_path`, merge, train (or encode with `model`), write
+    `semantic_id_dict.json` + `semantic_id_report.json` into `output_dir` (default: `data_path`) and return the IDs.
+    Returns {} with a warning naming the cause when no feature can be loaded. Raises PermissionError before any
+    training when the output folder is not writable. `args`: any object or dict with RQVAEConfig fields."""
+    cfg = RQVAEConfig.from_args(args) if args is not None else RQVAEConfig()
+    sids, model, _ = generate_semantic_ids(data_path, mm_emb_ids, cfg, model, known, output_dir)
+    if model_dir is not None and model is not None and sids:
+        model.save(model_dir)
     return sids
 
 

@@ -1,0 +1,27 @@
+"""HitRate@10, NDCG@10 and the competition score (0.31 HR + 0.69 NDCG), optionally weighted per user."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rank_metrics(ranks: np.ndarray, weights: np.ndarray | None = None, k: int = 10) -> dict[str, float]:
+    """`ranks`: 1-based rank of each user's target (a value > k, e.g. inf, when it is not in the top k)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if len(ranks) == 0:
+        return {"users": 0, "hr@10": 0.0, "ndcg@10": 0.0, "score": 0.0}
+    w = np.ones(len(ranks)) if weights is None else np.asarray(weights, np.float64)
+    hit = ranks <= k
+    ndcg = np.where(hit, 1.0 / np.log2(np.minimum(ranks, k) + 1.0), 0.0)
+    hr, nd = float((hit * w).sum() / w.sum()), float((ndcg * w).sum() / w.sum())
+    return {"users": int(len(ranks)), "hr@10": hr, "ndcg@10": nd, "score": 0.31 * hr + 0.69 * nd}
+
+
+def ranks_in_topk(top: list[list[int]], targets: list[int]) -> np.ndarray:
+    """1-based position of each target in its top list, inf where absent."""
+    out = np.full(len(targets), np.inf)
+    for i, (lst, t) in enumerate(zip(top, targets)):
+        for r, c in enumerate(lst, 1):
+            if c == t:
+                out[i] = r
+                break
+    return out

@@ -1,0 +1,70 @@
+"""Exact top-k by inner product over a candidate matrix, in chunks so memory stays bounded.
+
+Memory: one [user_chunk, item_chunk] score block plus the running top-k, whatever the pool size.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
+                       exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 1024,
+                       item_chunk: int = 131072) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [U, k], item indices [U, k]) of the k best items per query, best first.
+
+    `exclude[u]`: item indices never returned for query u (e.g. items already in the user's history).
+    Fewer than k eligible items -> the tail holds index -1 and score -inf."""
+    U, C = queries.shape[0], items.shape[0]
+    kk = min(k, C)
+    out_s = torch.full((U, k), float("-inf"), dtype=torch.float32)
+    out_i = torch.full((U, k), -1, dtype=torch.long)
+    for ulo in range(0, U, user_chunk):
+        q = queries[ulo:ulo + user_chunk]
+        best_s = torch.full((len(q), 0), float("-inf"), device=q.device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
+        for ilo in range(0, C, item_chunk):
+            s = q @ items[ilo:ilo + item_chunk].T
+            if exclude is not None:
+                rows, cols = [], []
+                for r, ex in enumerate(exclude[ulo:ulo + len(q)]):
+                    sel = ex[(ex >= ilo) & (ex < ilo + s.shape[1])]
+                    rows.append(np.full(len(sel), r))
+                    cols.append(sel - ilo)
+                if rows and sum(len(c) for c in cols):
+                    s[torch.as_tensor(np.concatenate(rows), device=s.device),
+                      torch.as_tensor(np.concatenate(cols), device=s.device)] = float("-inf")
+            ts, ti = s.topk(min(kk, s.shape[1]), dim=1)
+            cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
+            best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
+            best_i = cat_i.gather(1, pos)
+        best_i = torch.where(torch.isinf(best_s), torch.full_like(best_i, -1), best_i)
+        out_s[ulo:ulo + len(q), :best_s.shape[1]] = best_s.float().cpu()
+        out_i[ulo:ulo + len(q), :best_i.shape[1]] = best_i.cpu()
+    return out_s, out_i
+
+
+def topk_faiss(queries: np.ndarray, items: np.ndarray, k: int = 10,
+               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The same through faiss.IndexFlatIP (exact); asks for extra neighbours to make room for exclusions."""
+    import faiss  # optional dependency
+
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(np.ascontiguousarray(items, np.float32))
+    extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+    s, i = index.search(np.ascontiguousarray(queries, np.float32), min(k + extra, items.shape[0]))
+    if exclude is None:
+        return s[:, :k], i[:, :k]
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for u in range(len(queries)):
+        keep = ~np.isin(i[u], exclude[u]) & (i[u] >= 0)
+        n = min(k, int(keep.sum()))
+        out_s[u, :n], out_i[u, :n] = s[u][keep][:n], i[u][keep][:n]
+    return out_s, out_i

@@ -1,0 +1,130 @@
+"""The lazy semantic-ID bootstrap of inference: load the IDs, or make them, or go on without them.
+
+Order: IDs found (data dir, then the results dir) -> "loaded semantic_id for N items", and candidates they miss
+are encoded with the checkpoint's RQ-VAE; none found -> "no semantic_id found, trying to generate..." ->
+encode with the checkpoint's RQ-VAE (seconds) or train a new one -> save -> rebuild the dataset ->
+"generated semantic_id for N items". Any failure is a warning and inference goes on with default IDs.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dataset import TestDataset, load_mm_emb
+from dataset.safeio import is_writable_dir
+from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BootstrapResult:
+    status: str = "unused"  # loaded | loaded+encoded | encoded | trained | disabled | failed | unused
+    items: int = 0
+    coverage_before: float = 0.0
+    coverage_after: float = 0.0
+    path: str | None = None
+    warning: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def _file_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock beside the IDs file, so two processes never generate into the same folder at once."""
+    try:
+        fh = open(folder / ".semantic_id_dict.json.lock", "a")
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _output_dir(ds: TestDataset, result_dir: Path) -> Path:
+    if is_writable_dir(ds.data_dir):
+        return ds.data_dir
+    log.warning("data dir %s is read-only: semantic IDs go to %s", ds.data_dir, result_dir)
+    return result_dir
+
+
+def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, rqvae_features: list[str] | None,
+                        trained_ids: dict[int, list[int]], allow_generation: bool, mm_emb_id: list[str] | None,
+                        rq_args: Any = None) -> BootstrapResult:
+    res = BootstrapResult(coverage_before=ds.semantic_id_coverage)
+    feats = rqvae_features if rqvae is not None else (mm_emb_id or ["81"])
+    if rqvae is not None and mm_emb_id and [str(m) for m in mm_emb_id] != list(rqvae_features or []):
+        log.warning("--mm_emb_id %s ignored: the checkpoint's RQ-VAE was trained on %s", mm_emb_id, rqvae_features)
+    cfg = RQVAEConfig.from_args(rq_args) if rq_args is not None else RQVAEConfig()
+    try:
+        if ds.semantic_id_dict:
+            res.status = "loaded"
+            log.info("loaded semantic_id for %d items", len(ds.semantic_id_dict))
+            missing = _candidates_missing(ds, feats) if rqvae is not None and allow_generation else 0
+            if missing and rqvae is not None and allow_generation:
+                log.info("%d candidate items have no semantic_id: encoding them with the checkpoint's RQ-VAE", missing)
+                out = ds.semantic_id_path.parent if is_writable_dir(ds.semantic_id_path.parent) else _output_dir(ds, result_dir)
+                with _file_lock(out):
+                    _, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, ds.semantic_id_dict, out)
+                ds.sid_dirs = [out, *[d for d in ds.sid_dirs if d != out]]
+                ds.rebuild()
+                res.status, res.generation = "loaded+encoded", rep
+        elif not allow_generation:
+            res.status = "disabled"
+            res.warning = "ALLOW_SEMANTIC_GENERATION=false and no semantic_id_dict.json: running without semantic IDs"
+            log.warning(res.warning)
+        else:
+            if ds.semantic_id_error:
+                log.warning("existing semantic_id_dict.json is corrupt (%s): regenerating", ds.semantic_id_error)
+            log.info("no semantic_id found, trying to generate...")
+            out = _output_dir(ds, result_dir)
+            with _file_lock(out):
+                ds.sid_dirs = [out, *[d for d in ds.sid_dirs if d != out]]
+                ds.rebuild()  # another process may have written it while we waited for the lock
+                if ds.semantic_id_dict:
+                    res.status = "loaded"
+                    log.info("loaded semantic_id for %d items (written by another process)", len(ds.semantic_id_dict))
+                else:
+                    if rqvae is None:
+                        log.warning("the checkpoint carries no RQ-VAE: training a new one; its IDs will not match "
+                                    "the ones the model was trained with")
+                    sids, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, trained_ids, out)
+                    res.generation = rep
+                    if not sids:
+                        raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
+                    ds.rebuild()
+                    res.status = "encoded" if rqvae is not None else "trained"
+                    log.info("generated semantic_id for %d items", len(ds.semantic_id_dict))
+    except Exception as e:  # degrade, never die: inference works without semantic IDs
+        res.status = "failed"
+        res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); continuing with default semantic IDs"
+        log.warning(res.warning)
+        if not ds.semantic_id_dict:
+            ds.store.attach_semantic_ids({})
+    res.items = len(ds.semantic_id_dict)
+    res.path = str(ds.semantic_id_path) if ds.semantic_id_path else None
+    res.coverage_after = ds.semantic_id_coverage
+    log.info("semantic_id coverage of items: %.1f%% before, %.1f%% after", 100 * res.coverage_before,
+             100 * res.coverage_after)
+    return res
+
+
+def _candidates_missing(ds: TestDataset, feats: list[str]) -> int:
+    """Candidates without a semantic ID that have an embedding to encode (the others cannot get one)."""
+    cids = ds.store.creative[ds.candidate_slots[ds.store.sid[ds.candidate_slots, 0] == 0]]
+    if not len(cids):
+        return 0
+    has = np.zeros(len(cids), bool)
+    for emb in load_mm_emb(ds.data_dir / "creative_emb", feats).values():
+        has |= emb.rows(cids) >= 0
+    return int(has.sum())
