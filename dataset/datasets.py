@@ -168,6 +168,8 @@ class TestDataset(_Base):
     features their records carry, so the model embeds them from features and semantic ID.
     """
 
+    __test__ = False  # not a pytest class, whatever its name
+
     def __init__(self, data_dir: str | os.PathLike, **kw: Any):
         super().__init__(data_dir, **kw)
         seq = SeqFile(self.data_dir / "predict_seq.jsonl", self.data_dir / "predict_seq_offsets.pkl")

@@ -1,0 +1,194 @@
+"""The data layer: safe pickles, sequence files, embeddings and their cache, semantic-ID files, datasets."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import (CorruptSemanticIdFile, DataFormatError, SeqFile, TestDataset, TrainDataset, UnsafePickleError,
+                     load_feature, load_mm_emb, load_pickle, load_semantic_ids, save_semantic_ids)
+from dataset.synth import SynthConfig, generate
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    p = tmp_path / "indexer.pkl"
+    p.write_bytes(pickle.dumps({"u": _Evil()}))
+    with pytest.raises(UnsafePickleError, match="indexer.pkl"):
+        load_pickle(p)
+
+
+def test_restricted_unpickler_reads_plain_data_and_numpy(tmp_path):
+    p = tmp_path / "x.pkl"
+    obj = {"a": [1, 2.5, "s"], 7: np.arange(3, dtype=np.float32), "s": {1, 2}}
+    p.write_bytes(pickle.dumps(obj))
+    back = load_pickle(p)
+    assert back["a"] == [1, 2.5, "s"] and back["s"] == {1, 2}
+    np.testing.assert_array_equal(back[7], obj[7])
+
+
+def test_truncated_pickle_is_a_clear_error(tmp_path):
+    p = tmp_path / "seq_offsets.pkl"
+    p.write_bytes(pickle.dumps(list(range(100)))[:10])
+    with pytest.raises(DataFormatError, match="seq_offsets.pkl"):
+        load_pickle(p)
+
+
+def _write_seq(path, lines):
+    with open(path, "w") as f:
+        for ln in lines:
+            f.write(ln + "\n")
+
+
+def test_missing_offsets_are_rebuilt_with_a_warning(tmp_path, caplog):
+    recs = [[[1, 5, None, {"100": 1}, 1, 10], [1, None, {"103": 1}, None, None, 11]],
+            [[2, 6, None, {"100": 2}, 0, 12]]]
+    _write_seq(tmp_path / "seq.jsonl", [json.dumps(r) for r in recs])
+    with caplog.at_level("WARNING"):
+        s = SeqFile(tmp_path / "seq.jsonl")
+    assert "rebuilding offsets" in caplog.text
+    assert len(s) == 2 and s[1] == recs[1]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    _write_seq(tmp_path / "seq.jsonl", ['[[1, 5, null, {}, 1, 10]]', '[[1, 5, null, {}, 1,'])
+    s = SeqFile(tmp_path / "seq.jsonl")
+    with pytest.raises(DataFormatError, match=r"seq.jsonl: line 2"):
+        s[1]
+
+
+def _emb_folder(root, fid, dim, lines, name="part-00000"):
+    d = root / "creative_emb" / f"emb_{fid}_{dim}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text("".join(ln + "\n" for ln in lines))
+    return d
+
+
+def test_bad_embedding_rows_are_skipped_and_counted(tmp_path, caplog):
+    good = [json.dumps({"anonymous_cid": i, "emb": [float(i)] * 4}) for i in range(1, 6)]
+    bad = ['{"anonymous_cid": 7, "emb": [1, 2, 3]}',  # wrong length
+           '{"anonymous_cid": 8, "emb": [1, NaN, 3, 4]}',  # NaN (Python's json writes this)
+           '{"anonymous_cid": 9, "emb": [1, Infinity, 3, 4]}',
+           '{"anonymous_cid": 10, "emb": [1, 2, 3',  # truncated JSON
+           'not json at all']
+    _emb_folder(tmp_path, 82, 4, good[:3] + bad + good[3:])
+    with caplog.at_level("WARNING"):
+        f = load_feature(tmp_path / "creative_emb", "82")
+    assert sorted(f.ids.tolist()) == [1, 2, 3, 4, 5]
+    assert f.skipped == {"wrong_length": 1, "non_finite": 2, "unparseable": 2}
+    assert "skipped 5 bad rows" in caplog.text
+    np.testing.assert_array_equal(f.emb[f.rows([4])[0]], [4.0] * 4)
+
+
+def test_missing_creative_emb_is_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert load_mm_emb(tmp_path / "creative_emb", ["81", "82"]) == {}
+    assert "not found" in caplog.text
+
+
+def test_pickle_and_json_part_variants_and_any_dim(tmp_path):
+    emb = tmp_path / "creative_emb"
+    emb.mkdir()
+    (emb / "emb_81_32.pkl").write_bytes(pickle.dumps({11: np.ones(32, np.float32), 12: np.zeros(31, np.float32)}))
+    _emb_folder(tmp_path, 86, 3, [json.dumps({"anonymous_cid": 5, "emb": [1, 2, 3]})], name="a.json")
+    _emb_folder(tmp_path, 99, 2, [json.dumps({"emb": [1, 2], "anonymous_cid": 6})], name="part-00003")  # other key order
+    feats = load_mm_emb(emb, ["81", "86", "99"])
+    assert feats["81"].ids.tolist() == [11] and feats["81"].skipped == {"wrong_length": 1}
+    assert feats["86"].dim == 3 and feats["86"].ids.tolist() == [5]
+    assert feats["99"].dim == 2 and feats["99"].emb.tolist() == [[1.0, 2.0]]
+
+
+def test_cache_is_memory_mapped_and_invalidated_on_change(tmp_path):
+    d = _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, -i]}) for i in range(50)])
+    first = load_feature(tmp_path / "creative_emb", "82")
+    again = load_feature(tmp_path / "creative_emb", "82")
+    assert isinstance(again.emb, np.memmap)
+    np.testing.assert_array_equal(first.emb, again.emb)
+    time.sleep(0.01)
+    with open(d / "part-00000", "a") as f:
+        f.write(json.dumps({"anonymous_cid": 99, "emb": [1, 2]}) + "\n")
+    changed = load_feature(tmp_path / "creative_emb", "82")
+    assert len(changed) == 51 and 99 in changed.ids
+
+
+def test_cache_goes_elsewhere_when_data_dir_is_read_only(tmp_path, monkeypatch):
+    import dataset.mm_emb as mm
+
+    _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, i]}) for i in range(5)])
+    real = mm.is_writable_dir
+    monkeypatch.setattr(mm, "is_writable_dir", lambda p: "creative_emb" not in str(p) and real(p))
+    load_feature(tmp_path / "creative_emb", "82")
+    assert not (tmp_path / "creative_emb" / ".genrec_cache").exists()
+    assert isinstance(load_feature(tmp_path / "creative_emb", "82").emb, np.memmap)
+
+
+def test_semantic_id_file_int_keys_and_invalid_entries(tmp_path):
+    p = tmp_path / "semantic_id_dict.json"
+    p.write_text(json.dumps({"123": [1, 2, 3, 4], "x": [1, 2, 3, 4], "5": [1, 2, 3], "6": [1, 2, 3, 256],
+                             "7": [0, 0, 0, 255], "8": "abc"}))
+    sids, invalid = load_semantic_ids(p)
+    assert sids == {123: [1, 2, 3, 4], 7: [0, 0, 0, 255]} and invalid == 4
+    save_semantic_ids(p, sids)
+    assert json.loads(p.read_text()) == {"7": [0, 0, 0, 255], "123": [1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("content", ["", "   ", '{"1": [1, 2, 3, 4], "2": [1,', "[1, 2]"])
+def test_empty_or_truncated_semantic_id_file_is_corrupt(tmp_path, content):
+    p = tmp_path / "semantic_id_dict.json"
+    p.write_text(content)
+    with pytest.raises(CorruptSemanticIdFile):
+        load_semantic_ids(p)
+
+
+def test_test_dataset_handles_raw_ids_unseen_items_and_string_values(world):
+    _, ev = world
+    ds = TestDataset(ev, maxlen=20)
+    assert all(isinstance(u, str) and u.startswith("user_") for u in ds.users)
+    assert ds.store.num_slots > ds.schema.num_items + 1  # unseen items got their own slots
+    extra = ds.store.sparse[ds.schema.num_items + 1:]
+    assert extra.min() >= 0
+    fid101 = list(ds.schema.item_sparse).index("101")
+    assert (extra[:, fid101] == 0).any()  # "unseen_x" string values -> 0
+    assert ds.semantic_id_dict == {} and ds.semantic_id_coverage == 0.0
+    batch = next(iter(DataLoader(ds, batch_size=8)))
+    assert batch["seq"].shape == (8, 20) and batch["seq"].dtype == torch.long
+
+
+def test_test_dataset_rebuild_picks_up_new_semantic_ids(world):
+    _, ev = world
+    ds = TestDataset(ev, maxlen=20)
+    cid = int(ds.store.creative[ds.candidate_slots[0]])
+    save_semantic_ids(ev / "semantic_id_dict.json", {cid: [1, 2, 3, 4]})
+    ds.rebuild()
+    assert ds.semantic_id_dict == {cid: [1, 2, 3, 4]}
+    assert ds.store.sid[ds.candidate_slots[0]].tolist() == [2, 3, 4, 5]  # codes + 1, 0 = none
+
+
+def test_train_dataset_batches_and_holdout(world):
+    train, _ = world
+    ds = TrainDataset(train, maxlen=20)
+    b = next(iter(DataLoader(ds, batch_size=16, shuffle=True)))
+    assert b["seq"].shape == b["pos"].shape == (16, 20)
+    assert torch.equal(b["seq"] > 0, b["pos"] > 0)  # every input position has a next item, padding on the left
+    assert torch.equal(b["seq"][:, 1:][b["seq"][:, :-1] > 0] > 0, torch.ones_like(b["seq"][:, 1:][b["seq"][:, :-1] > 0], dtype=torch.bool))
+    val = ds.validation_samples()
+    assert len(val["target"]) > 0 and (val["target"] > 0).all()
+
+
+def test_synth_is_deterministic(tmp_path):
+    cfg = SynthConfig(users=20, test_users=5, items=50, topics=3, min_len=5, max_len=10, mm=((81, 4),), seed=7)
+    generate(tmp_path / "a", cfg)
+    generate(tmp_path / "b", cfg)
+    for name in ("seq.jsonl", "predict_seq.jsonl", "predict_set.jsonl", "item_feat_dict.json", "labels.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert load_pickle(tmp_path / "a" / "indexer.pkl") == load_pickle(tmp_path / "b" / "indexer.pkl")

@@ -1,0 +1,200 @@
+"""rqvae/: fit / encode / save / load, quality on clustered data, merging, dedup, bad input, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset import load_semantic_ids, save_semantic_ids
+from dataset.mm_emb import MMEmbedding
+from rqvae import RQVAE, RQVAEConfig, encode, fit, generate_semantic_ids_on_demand, merge_features
+from rqvae.dedup import dedup_codes
+from rqvae.stats import collision_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(num_epochs=3, codebook_size=32, hidden_dims=(32,), latent_dim=8, kmeans_iters=8)
+
+
+def clustered(n: int, d: int, k: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, d)) * 3
+    return (c[rng.integers(0, k, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_defaults_are_the_documented_ones():
+    c = RQVAEConfig()
+    assert (c.num_quantizers, c.codebook_size, c.commitment_cost, c.lr, c.num_epochs, c.batch_size, c.device) == \
+        (4, 256, 0.25, 1e-3, 20, 1024, "auto")
+
+
+@pytest.mark.parametrize("method", ["rqvae", "rqkmeans"])
+def test_fit_encode_shapes_range_and_usage(method):
+    x = clustered(4000, 16)
+    model, report = fit(x, RQVAEConfig(method=method, **FAST))
+    codes = encode(model, x)
+    assert codes.shape == (4000, 4) and codes.dtype == np.int64
+    assert codes.min() >= 0 and codes.max() < 32
+    for lvl in range(4):  # no codebook collapse: (nearly) every code in use at every level
+        assert len(np.unique(codes[:, lvl])) >= 30
+    assert collision_stats(codes)["collision_rate"] < 0.3
+    assert report["recon_mse"] < 1.0
+
+
+def test_deterministic_on_cpu():
+    x = clustered(1500, 8)
+    cfg = RQVAEConfig(seed=5, **FAST)
+    a = encode(fit(x, cfg)[0], x)
+    b = encode(fit(x, cfg)[0], x)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_load_roundtrip_gives_identical_codes(tmp_path):
+    x = clustered(1000, 12)
+    model, _ = fit(x, RQVAEConfig(**FAST))
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "rqvae_config.json").read_text())
+    assert meta["in_dim"] == 12 and len(meta["normalisation"]["mean"]) == 12
+    torch.load(tmp_path / "rqvae_model.pt", weights_only=True)  # loads without running code
+    np.testing.assert_array_equal(encode(RQVAE.load(tmp_path), x), encode(model, x))
+
+
+def test_fewer_items_than_codes_and_a_single_item(caplog):
+    x = clustered(10, 6)
+    with caplog.at_level("INFO"):
+        model, _ = fit(x, RQVAEConfig(**FAST))
+    assert "codebook" in caplog.text
+    assert encode(model, x).shape == (10, 4)
+    one = x[:1]
+    assert encode(fit(one, RQVAEConfig(**FAST))[0], one).shape == (1, 4)
+
+
+def test_standardisation_keeps_losses_balanced():
+    """Huge or tiny input scale must not change the result: we standardise before anything else."""
+    x = clustered(1500, 8)
+    cfg = RQVAEConfig(**FAST)
+    base = encode(fit(x, cfg)[0], x)
+    big = encode(fit(x * 1e4, cfg)[0], x * 1e4)
+    assert (base == big).mean() > 0.95
+
+
+def test_merge_same_dims_is_the_mean_and_different_dims_concatenate():
+    a = MMEmbedding("81", np.array([1, 2]), np.array([[2.0, 0.0], [0.0, 4.0]], np.float32))
+    b = MMEmbedding("82", np.array([2, 3]), np.array([[0.0, 2.0], [6.0, 0.0]], np.float32))
+    ids, x = merge_features({"81": a, "82": b})
+    assert ids.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(x, [[2, 0], [0, 3], [6, 0]])
+    c = MMEmbedding("83", np.array([3]), np.array([[3.0, 4.0, 0.0]], np.float32))
+    ids, x = merge_features({"81": a, "83": c})
+    assert ids.tolist() == [1, 2, 3] and x.shape == (3, 5)
+    np.testing.assert_allclose(x[0], [1, 0, 0, 0, 0])  # L2-normalised block, zeros where the feature is missing
+    np.testing.assert_allclose(x[2], [0, 0, 0.6, 0.8, 0])
+
+
+def test_dedup_resolves_collisions_within_prefix():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2, (300, 4))
+    resid = rng.normal(size=(300, 4)).astype(np.float32)
+    cb = rng.normal(size=(256, 4)).astype(np.float32)
+    assert collision_stats(codes)["collision_rate"] > 0.9
+    new, info = dedup_codes(codes, resid, cb)
+    assert collision_stats(new)["collision_rate"] == 0.0 and info["unresolved"] == 0
+    np.testing.assert_array_equal(new[:, :3], codes[:, :3])  # only the last level moves
+
+
+def test_dedup_reports_what_cannot_be_resolved():
+    codes = np.zeros((5, 4), np.int64)
+    new, info = dedup_codes(codes, np.zeros((5, 2), np.float32), np.zeros((2, 2), np.float32))
+    assert info == {"moved": 1, "unresolved": 3} and collision_stats(new)["unique_ids"] == 2
+
+
+def _emb_dir(root: Path, rows: dict[int, list[float]], fid: str = "81", extra: list[str] = ()) -> Path:
+    dim = len(next(iter(rows.values())))
+    d = root / "creative_emb" / f"emb_{fid}_{dim}"
+    d.mkdir(parents=True)
+    lines = [json.dumps({"anonymous_cid": c, "emb": v}) for c, v in rows.items()] + list(extra)
+    (d / "part-00000").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_bad_rows_skipped_and_counted_in_the_report(tmp_path):
+    x = clustered(300, 8)
+    rows = {i + 1: x[i].tolist() for i in range(300)}
+    rows[1000] = [0.0] * 8  # all zero: no information, no ID
+    _emb_dir(tmp_path, rows, extra=['{"anonymous_cid": 2000, "emb": [NaN, 1, 1, 1, 1, 1, 1, 1]}',
+                                    '{"anonymous_cid": 2001, "emb": [1, 2]}'])
+    sids = generate_semantic_ids_on_demand(tmp_path, ["81"], RQVAEConfig(**FAST))
+    assert len(sids) == 300 and 1000 not in sids and 2000 not in sids
+    rep = json.loads((tmp_path / "semantic_id_report.json").read_text())
+    assert rep["skipped_bad_rows"] == 1
+    assert rep["features"]["81"]["skipped"] == {"non_finite": 1, "wrong_length": 1}
+
+
+def test_mismatched_dims_between_part_files(tmp_path):
+    x = clustered(100, 8)
+    _emb_dir(tmp_path, {i + 1: x[i].tolist() for i in range(100)})
+    (tmp_path / "creative_emb" / "emb_81_8" / "part-00001").write_text(
+        "".join(json.dumps({"anonymous_cid": 500 + i, "emb": [1.0] * 16}) + "\n" for i in range(20)))
+    sids = generate_semantic_ids_on_demand(tmp_path, ["81"], RQVAEConfig(**FAST))
+    assert len(sids) == 100
+    rep = json.loads((tmp_path / "semantic_id_report.json").read_text())
+    assert rep["features"]["81"]["skipped"] == {"wrong_length": 20}
+
+
+def test_no_feature_returns_empty_with_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert generate_semantic_ids_on_demand(tmp_path, ["81"], RQVAEConfig(**FAST)) == {}
+    assert "no semantic IDs generated" in caplog.text
+    assert not (tmp_path / "semantic_id_dict.json").exists()
+
+
+def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
+    import rqvae.generate as gen
+
+    x = clustered(100, 8)
+    _emb_dir(tmp_path, {i + 1: x[i].tolist() for i in range(100)})
+    monkeypatch.setattr(gen, "is_writable_dir", lambda p: False)
+    monkeypatch.setattr(gen, "fit", lambda *a, **k: pytest.fail("trained although the output is not writable"))
+    with pytest.raises(PermissionError, match="not writable"):
+        generate_semantic_ids_on_demand(tmp_path, ["81"], RQVAEConfig(**FAST))
+
+
+def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "semantic_id_dict.json"
+    save_semantic_ids(p, {1: [1, 2, 3, 4]})
+    before = p.read_bytes()
+
+    class Boom(dict):
+        def __getitem__(self, k):
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        save_semantic_ids(p, Boom({5: [1, 1, 1, 1]}))
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["semantic_id_dict.json"]  # no temp file left behind
+
+
+def test_train_rqvae_cli_writes_everything_and_logs_the_sequence(world):
+    train, _ = world
+    out = train.parent / "rq_out"
+    r = subprocess.run([sys.executable, str(ROOT / "train_rqvae.py"), "--data_dir", str(train), "--output_dir", str(out),
+                        "--mm_emb_id", "81", "82", "--num_epochs", "5", "--codebook_size", "64", "--dedup"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("semantic_id_dict.json", "rqvae_model.pt", "rqvae_config.json", "semantic_id_report.json"):
+        assert (out / name).is_file()
+    log = r.stderr
+    for line in ("got ", "items' multimodal features, dim 80", "Epoch 5/5: Loss=", "generated semantic_id for",
+                 "saved semantic_id to"):
+        assert line in log
+    sids, invalid = load_semantic_ids(out / "semantic_id_dict.json", codebook_size=64)
+    assert invalid == 0 and len(sids) > 250
+    text = (out / "semantic_id_dict.json").read_text()
+    assert ": " not in text and "\n" not in text  # compact
+    rep = json.loads((out / "semantic_id_report.json").read_text())
+    assert {"items", "coverage", "collision_rate", "largest_group", "levels", "seconds"} <= set(rep)
+    assert rep["fit"]["recon_mse"] >= 0 and "host_peak_rss_mb" in rep["memory"]
