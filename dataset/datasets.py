@@ -31,10 +31,11 @@ class _Base(Dataset):
         self.indexer = load_indexer(self.data_dir / "indexer.pkl")
         wanted = list(schema.mm) if schema else [str(m) for m in mm_emb_ids]
         self.mm = load_mm_emb(self.data_dir / "creative_emb", wanted, cache_dir) if wanted else {}
+        item_feats = load_item_feats(self.data_dir / "item_feat_dict.json")
         if schema is None:
-            schema = FeatureSchema.from_indexer(self.indexer, {f: e.dim for f, e in self.mm.items()})
+            schema = FeatureSchema.from_indexer(self.indexer, {f: e.dim for f, e in self.mm.items()}, item_feats)
         self.schema = schema
-        self.store = ItemStore(schema, self.indexer, load_item_feats(self.data_dir / "item_feat_dict.json"))
+        self.store = ItemStore(schema, self.indexer, item_feats)
         self._user_raw: dict[int, str] | None = None
         self.semantic_id_dict: dict[int, list[int]] = {}
         self.semantic_id_path: Path | None = None

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -25,11 +24,6 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _CHUNK_BYTES = 16 << 20
-# One whole line in the format every competition file uses; anything else takes the per-line JSON path.
-_LINE_RE = re.compile(
-    r'^[ \t]*\{[ \t]*"anonymous_cid"[ \t]*:[ \t]*(-?\d+)[ \t]*,[ \t]*"emb"[ \t]*:[ \t]*\[([^\]\n]*)\][ \t]*\}[ \t]*\r?$',
-    re.M,
-)
 _NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
 
 
@@ -141,55 +135,91 @@ def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[in
     return ids, rows
 
 
+_LAYOUT_RE = re.compile(r'^(\{\s*"anonymous_cid"\s*:\s*)-?\d+(\s*,\s*"emb"\s*:\s*\[)[^\]\n]*(\]\s*\})\s*$')
+
+
+def _fast_parse(text: str, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """All lines in the first line's layout, `dim` finite-or-not numbers each: strip the JSON scaffolding with
+    str.replace, split once, convert with float(). None when any line breaks the pattern."""
+    text = text.rstrip("\n")
+    first = text[:text.find("\n")] if "\n" in text else text
+    m = _LAYOUT_RE.match(first.rstrip("\r"))
+    if m is None:
+        return None
+    prefix, mid, suffix = m.groups()
+    body = text.replace("\r", "").replace(prefix, "").replace(mid, ",").replace(suffix, "")
+    lines = body.split("\n")
+    if any(ln.count(",") != dim for ln in lines):  # wrong length, blank line or other layout
+        return None
+    tokens = ",".join(lines).split(",")
+    try:
+        ids = np.fromiter(map(int, tokens[::dim + 1]), dtype=np.int64, count=len(lines))
+        del tokens[::dim + 1]
+        emb = np.fromiter(map(float, tokens), dtype=np.float32, count=len(tokens)).reshape(len(lines), dim)
+    except ValueError:  # a token that is no number (or a cid that is no int)
+        return None
+    return ids, emb
+
+
 def parse_chunk(text: str, dim: int, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
     """Parse a block of whole JSON lines into (ids, float32 rows); bad rows are skipped and counted."""
-    empty = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    matches = _LINE_RE.findall(text)
-    n_lines = text.count("\n") + 1
-    if len(matches) != n_lines:  # blank lines are fine; any other unmatched line sends us to the slow path
-        n_lines = sum(1 for ln in text.split("\n") if ln.strip())
-    if len(matches) == n_lines:
-        good = [m for m in matches if m[1].count(",") == dim - 1 and m[1].strip()]
-        if len(good) != len(matches):
-            skipped["wrong_length"] = skipped.get("wrong_length", 0) + len(matches) - len(good)
-        if not good:
-            return empty
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                flat = np.fromstring(",".join(m[1] for m in good), dtype=np.float32, sep=",")
-        except (ValueError, DeprecationWarning):
-            flat = None
-        if flat is not None and flat.size == len(good) * dim:
-            ids = np.fromiter((int(m[0]) for m in good), dtype=np.int64, count=len(good))
-            return ids, flat.reshape(len(good), dim)
-        if len(good) != len(matches):  # undo the count: the slow path below counts every row itself
-            skipped["wrong_length"] -= len(matches) - len(good)
-    # Some line is not in the standard layout (or holds a bad number): parse this chunk line by line.
+    if not text.strip():
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    fast = _fast_parse(text, dim)
+    if fast is not None:
+        return fast
+    # Some line is not in the common layout (or holds a bad number): parse this chunk line by line.
     ids, rows = _parse_rows_slow(text.split("\n"), dim, skipped)
     if not rows:
-        return empty
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     return np.asarray(ids, dtype=np.int64), np.stack(rows)
 
 
-def _iter_chunks(path: Path, bar: tqdm):
-    """Blocks of whole lines, about _CHUNK_BYTES each."""
+def _ranges(files: list[Path]) -> list[tuple[str, int, int]]:
+    """(file, start, end) byte ranges of about _CHUNK_BYTES; the reader aligns them to whole lines."""
+    out = []
+    for f in files:
+        size = f.stat().st_size
+        out += [(str(f), lo, min(lo + _CHUNK_BYTES, size)) for lo in range(0, size, _CHUNK_BYTES)]
+    return out
+
+
+def _parse_range(task: tuple[str, int, int, int]) -> tuple[np.ndarray, np.ndarray, dict, int]:
+    """Parse the lines that start inside [start, end) of a file: (ids, rows, skipped, bytes). Runs in workers."""
+    path, start, end, dim = task
     with open(path, "rb") as f:
-        rest = b""
-        while True:
-            block = f.read(_CHUNK_BYTES)
-            bar.update(len(block))
-            if not block:
-                break
-            block = rest + block
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                rest = block
-                continue
-            rest = block[cut + 1:]
-            yield block[:cut].decode("utf-8", errors="replace")
-        if rest.strip():
-            yield rest.decode("utf-8", errors="replace")
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the line holding byte start-1 belongs to the previous range
+        pos = f.tell()
+        block = f.read(max(end - pos, 0)) if pos < end else b""
+        if block and not block.endswith(b"\n"):
+            block += f.readline()  # finish the last line that starts inside the range
+    skipped: dict = {}
+    ids, emb = _drop_nonfinite(*parse_chunk(block.decode("utf-8", errors="replace"), dim, skipped), skipped)
+    return ids, emb, skipped, end - start
+
+
+def _parsed_ranges(tasks: list[tuple[str, int, int, int]]):
+    """Results of _parse_range in order; on several cores a process pool parses ahead, a bounded window of
+    chunks in flight so memory stays a few chunks, not the whole matrix."""
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    if workers < 2 or len(tasks) < 2:
+        yield from map(_parse_range, tasks)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending = [pool.submit(_parse_range, t) for t in tasks[:2 * workers]]
+        nxt = len(pending)
+        while pending:
+            res = pending.pop(0).result()
+            if nxt < len(tasks):
+                pending.append(pool.submit(_parse_range, tasks[nxt]))
+                nxt += 1
+            yield res
 
 
 def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -291,9 +321,12 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
                 if f.suffix == ".pkl":
                     _load_pickle_source(f, dim, sink, skipped)
                     bar.update(f.stat().st_size)
-                    continue
-                for text in _iter_chunks(f, bar):
-                    sink.add(*_drop_nonfinite(*parse_chunk(text, dim, skipped), skipped))
+            tasks = [(f, lo, hi, dim) for f, lo, hi in _ranges([f for f in files if f.suffix != ".pkl"])]
+            for ids, emb, sk, nbytes in _parsed_ranges(tasks):
+                sink.add(ids, emb)
+                for k, v in sk.items():
+                    skipped[k] = skipped.get(k, 0) + v
+                bar.update(nbytes)
         ok = True
     finally:
         mem = sink.close(ok)

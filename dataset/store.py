@@ -30,20 +30,30 @@ class FeatureSchema:
     user_sparse: dict[str, int] = field(default_factory=dict)
     user_array: dict[str, int] = field(default_factory=dict)
     item_sparse: dict[str, int] = field(default_factory=dict)
+    item_array: dict[str, int] = field(default_factory=dict)
     mm: dict[str, int] = field(default_factory=dict)  # fid -> dim
     sid_levels: int = 4
     sid_codebook: int = 256
     array_len: int = 8  # user array features are truncated/padded to this length
 
     @classmethod
-    def from_indexer(cls, indexer: Mapping, mm_dims: Mapping[str, int] | None = None, **kw: Any) -> "FeatureSchema":
+    def from_indexer(cls, indexer: Mapping, mm_dims: Mapping[str, int] | None = None,
+                     item_feats: Mapping[str, Mapping] | None = None, **kw: Any) -> "FeatureSchema":
+        """Vocabularies from the indexer. Item features are the competition's sparse ones plus any other non-user
+        feature; one whose values are lists in `item_feats` is an array feature."""
         f = indexer["f"]
         vocab = {str(k): len(v) + 1 for k, v in f.items()}
+        user = set(USER_SPARSE) | set(USER_ARRAY)
+        item = [k for k in ITEM_SPARSE if k in vocab] + sorted(k for k in vocab if k not in user and k not in ITEM_SPARSE)
+        arrays = set()
+        for feats in list((item_feats or {}).values())[:1000]:
+            arrays |= {k for k, v in feats.items() if isinstance(v, list)}
         return cls(
             num_items=max(indexer["i"].values(), default=0), num_users=max(indexer["u"].values(), default=0),
             user_sparse={k: vocab[k] for k in USER_SPARSE if k in vocab},
             user_array={k: vocab[k] for k in USER_ARRAY if k in vocab},
-            item_sparse={k: vocab[k] for k in ITEM_SPARSE if k in vocab},
+            item_sparse={k: vocab[k] for k in item if k not in arrays},
+            item_array={k: vocab[k] for k in item if k in arrays},
             mm=dict(mm_dims or {}), **kw)
 
     def to_dict(self) -> dict:
@@ -70,27 +80,29 @@ def array_value(v: Any, vocab: int, length: int) -> list[int]:
 
 
 class ItemStore:
-    """Per-slot arrays: reid, creative id, sparse features, semantic ID (code + 1, 0 = none), mm embeddings."""
+    """Per-slot arrays: reid, creative id, sparse and array features, semantic ID (code + 1, 0 = none), mm."""
 
     def __init__(self, schema: FeatureSchema, indexer: Mapping, item_feats: Mapping[str, Mapping]):
         self.schema = schema
         n = schema.num_items + 1
-        self._sparse_fids = list(schema.item_sparse)
         self.creative = np.zeros(n, np.int64)
         for cid, reid in indexer["i"].items():
             if 0 < reid < n:
                 self.creative[reid] = int(cid)
-        self.sparse = np.zeros((n, len(self._sparse_fids)), np.int64)
-        vocabs = [schema.item_sparse[f] for f in self._sparse_fids]
+        self.sparse = np.zeros((n, len(schema.item_sparse)), np.int64)
+        self.array = np.zeros((n, len(schema.item_array), schema.array_len), np.int64)
         for key, feats in item_feats.items():
             try:
                 reid = int(key)
             except ValueError:
                 continue
             if 0 < reid < n and isinstance(feats, dict):
-                self.sparse[reid] = [sparse_value(feats.get(f, 0), v) for f, v in zip(self._sparse_fids, vocabs)]
+                sp, ar = self._features(feats)
+                self.sparse[reid] = sp
+                if ar:
+                    self.array[reid] = ar
         self._extra_cids: list[int] = []
-        self._extra_sparse: list[list[int]] = []
+        self._extra_feats: list[tuple[list[int], list[list[int]]]] = []
         self._slot_of_cid: dict[int, int] = {}
         self.sid = np.zeros((n, schema.sid_levels), np.int64)
         self.mm: dict[str, np.ndarray] = {}
@@ -106,16 +118,22 @@ class ItemStore:
             slot = self.num_slots
             self._slot_of_cid[creative_id] = slot
             self._extra_cids.append(int(creative_id))
-            f = feats or {}
-            self._extra_sparse.append([sparse_value(f.get(k, 0), self.schema.item_sparse[k]) for k in self._sparse_fids])
+            self._extra_feats.append(self._features(feats or {}))
         return slot
+
+    def _features(self, feats: Mapping) -> tuple[list[int], list[list[int]]]:
+        s = self.schema
+        return ([sparse_value(feats.get(k, 0), v) for k, v in s.item_sparse.items()],
+                [array_value(feats.get(k, [0]), v, s.array_len) for k, v in s.item_array.items()])
 
     def finalize(self, sids: Mapping[int, list[int]], mm: Mapping[str, MMEmbedding]) -> "ItemStore":
         """Fold registered extra slots into the arrays and (re)attach semantic IDs and mm embeddings."""
         if self._extra_cids:
             self.creative = np.concatenate([self.creative, np.asarray(self._extra_cids, np.int64)])
-            self.sparse = np.concatenate([self.sparse, np.asarray(self._extra_sparse, np.int64).reshape(-1, self.sparse.shape[1])])
-            self._extra_cids, self._extra_sparse = [], []
+            sp = np.asarray([f[0] for f in self._extra_feats], np.int64).reshape(-1, self.sparse.shape[1])
+            ar = np.asarray([f[1] for f in self._extra_feats], np.int64).reshape(len(self._extra_feats), *self.array.shape[1:])
+            self.sparse, self.array = np.concatenate([self.sparse, sp]), np.concatenate([self.array, ar])
+            self._extra_cids, self._extra_feats = [], []
         self.attach_semantic_ids(sids)
         self.mm = {}
         for fid, dim in self.schema.mm.items():

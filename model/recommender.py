@@ -49,13 +49,14 @@ class ItemTower(nn.Module):
         self.cfg, self.schema = cfg, schema
         self.id_emb = nn.Embedding(schema.num_items + 1, h, padding_idx=0) if cfg.use_item_id else None
         self.sparse = nn.ModuleList(nn.Embedding(v, fd, padding_idx=0) for v in schema.item_sparse.values())
+        self.array = nn.ModuleList(nn.Embedding(v, fd, padding_idx=0) for v in schema.item_array.values())
         self.sid = (nn.ModuleList(nn.Embedding(schema.sid_codebook + 1, h, padding_idx=0)
                                   for _ in range(schema.sid_levels)) if cfg.use_semantic_ids else None)
         self.mm_proj = nn.ModuleDict({f: nn.Linear(d, h) for f, d in schema.mm.items() if f in cfg.mm_emb_id})
-        width = (h if self.id_emb is not None else 0) + fd * len(self.sparse) + (h if self.sid is not None else 0) \
-            + h * len(self.mm_proj)
+        width = (h if self.id_emb is not None else 0) + fd * (len(self.sparse) + len(self.array)) \
+            + (h if self.sid is not None else 0) + h * len(self.mm_proj)
         self.out = nn.Sequential(nn.Linear(max(width, 1), h), nn.GELU(), nn.Linear(h, h))
-        for name in ("t_reid", "t_sparse", "t_sid"):
+        for name in ("t_reid", "t_sparse", "t_array", "t_sid"):
             self.register_buffer(name, torch.zeros(1, dtype=torch.long), persistent=False)
         self.t_mm: dict[str, torch.Tensor] = {}
 
@@ -65,6 +66,7 @@ class ItemTower(nn.Module):
         slots = np.arange(store.num_slots)
         self.t_reid = torch.as_tensor(store.reid(slots), device=dev)
         self.t_sparse = torch.as_tensor(store.sparse, device=dev)
+        self.t_array = torch.as_tensor(store.array, device=dev)
         self.t_sid = torch.as_tensor(store.sid, device=dev)
         self.t_mm = {f: torch.as_tensor(store.mm[f], device=dev) for f in self.mm_proj if f in store.mm}
 
@@ -77,6 +79,10 @@ class ItemTower(nn.Module):
             parts.append(self.id_emb(reid))
         sp = self.t_sparse[slots]
         parts += [emb(sp[..., i]) for i, emb in enumerate(self.sparse)]
+        if len(self.array):
+            ar = self.t_array[slots]
+            parts += [emb(ar[..., i, :]).sum(-2) / (ar[..., i, :] > 0).sum(-1, keepdim=True).clamp_min(1)
+                      for i, emb in enumerate(self.array)]
         if self.sid is not None:
             codes = self.t_sid[slots]
             parts.append(sum(emb(codes[..., i]) for i, emb in enumerate(self.sid)))

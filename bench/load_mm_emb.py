@@ -1,0 +1,128 @@
+"""Benchmark: loading creative_emb part files.
+
+Builds N x D JSON-lines part files and times, each stage in a fresh process (so peak memory is its own):
+  baseline  the public baseline's pattern: one json.loads per line into a dict of numpy arrays
+  first     our first load (parse + write the binary cache)
+  cached    our later load (memory-maps the cache), and the same plus reading every value once
+
+    python bench/load_mm_emb.py [--n 1000000 --dim 32 --parts 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    row_fmt = ",".join(["%.6f"] * dim)
+    per = -(-n // parts)
+    for p in range(parts):
+        with open(folder / f"part-{p:05d}", "w") as f:
+            for lo in range(p * per, min(n, (p + 1) * per), 50_000):
+                hi = min(lo + 50_000, (p + 1) * per, n)
+                x = rng.normal(size=(hi - lo, dim)).astype(np.float32)
+                f.write("".join('{"anonymous_cid": %d, "emb": [%s]}\n' % (lo + i + 1, row_fmt % tuple(r))
+                                for i, r in enumerate(x.tolist())))
+
+
+# (imports, work): peak memory is counted from after the imports, so torch's own footprint is not charged.
+STAGES = {
+    "baseline": ("import json, numpy as np, pathlib", """
+emb = {}
+for f in sorted(pathlib.Path(FOLDER).iterdir()):
+    with open(f) as fh:
+        for line in fh:
+            d = json.loads(line)
+            emb[d["anonymous_cid"]] = np.array(d["emb"], dtype=np.float32)
+N = len(emb)
+"""),
+    "first": ("from dataset.mm_emb import load_feature", """
+e = load_feature(EMB, FID)
+N = len(e)
+"""),
+    "cached": ("from dataset.mm_emb import load_feature", """
+e = load_feature(EMB, FID)
+N = len(e)
+"""),
+    "cached+read": ("from dataset.mm_emb import load_feature", """
+e = load_feature(EMB, FID)
+s = float(e.emb.sum())
+N = len(e)
+"""),
+}
+
+
+def run_stage(name: str, emb_dir: Path, fid: str, folder: Path) -> dict:
+    code = f"""
+import sys, time, resource, json
+sys.path.insert(0, {str(ROOT)!r})
+EMB, FID, FOLDER = {str(emb_dir)!r}, {fid!r}, {str(folder)!r}
+{STAGES[name][0]}
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+base = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+t = time.perf_counter()
+{STAGES[name][1]}
+dt = time.perf_counter() - t
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({{"seconds": dt, "rows": N, "peak_mb": status("VmHWM:"), "base_mb": base, "worker_peak_mb": kids}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "GENREC_CACHE_DIR": str(emb_dir.parent / "cache")})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--parts", type=int, default=4)
+    p.add_argument("--skip-baseline", action="store_true")
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_mm_"))
+    try:
+        emb_dir = tmp / "creative_emb"
+        folder = emb_dir / f"emb_82_{a.dim}"
+        t = time.perf_counter()
+        write_parts(folder, a.n, a.dim, a.parts)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        print(f"# {a.n} x {a.dim} in {a.parts} part files, {size / 2**20:.0f} MiB of JSON (written in "
+              f"{time.perf_counter() - t:.1f} s); matrix {a.n * a.dim * 4 / 2**20:.0f} MiB")
+        rows = {}
+        if not a.skip_baseline:
+            rows["baseline (json.loads per line -> dict)"] = run_stage("baseline", emb_dir, "82", folder)
+        rows["ours, first load (parse + cache)"] = run_stage("first", emb_dir, "82", folder)
+        rows["ours, cached load (memmap)"] = run_stage("cached", emb_dir, "82", folder)
+        rows["ours, cached load + read all"] = run_stage("cached+read", emb_dir, "82", folder)
+        base = rows.get("baseline (json.loads per line -> dict)", {}).get("seconds")
+        matrix_mb = a.n * a.dim * 4 / 2**20
+        print(f"| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            ratio = f"{base / r['seconds']:.1f}x faster" if base else "-"
+            extra = r["peak_mb"] - r["base_mb"]
+            print(f"| {name} | {r['seconds']:.3f} | {ratio} | {extra:.0f} | {extra / matrix_mb:.2f} | "
+                  f"{r['worker_peak_mb']:.0f} |")
+            assert r["rows"] == a.n, (name, r["rows"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
