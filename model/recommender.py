@@ -29,6 +29,9 @@ class ModelConfig:
     temperature: float = 0.05
     num_negatives: int = 512  # random negatives per batch (plus up to as many in-batch positives)
     id_dropout: float = 0.2  # share of items whose id embedding is hidden in training: teaches the tower cold start
+    # Levels of the semantic ID an item without an id embedding (cold, or id dropped in training) uses: fine levels
+    # identify single items like an id does and carry noise for items never trained on; coarse ones generalise.
+    sid_levels_without_id: int = 2
     use_item_id: bool = True
     use_semantic_ids: bool = True
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
@@ -72,10 +75,10 @@ class ItemTower(nn.Module):
 
     def forward(self, slots: torch.Tensor, drop_id: torch.Tensor | None = None) -> torch.Tensor:
         parts = []
+        reid = self.t_reid[slots]
+        if drop_id is not None:
+            reid = reid.masked_fill(drop_id, 0)
         if self.id_emb is not None:
-            reid = self.t_reid[slots]
-            if drop_id is not None:
-                reid = reid.masked_fill(drop_id, 0)
             parts.append(self.id_emb(reid))
         sp = self.t_sparse[slots]
         parts += [emb(sp[..., i]) for i, emb in enumerate(self.sparse)]
@@ -85,6 +88,11 @@ class ItemTower(nn.Module):
                       for i, emb in enumerate(self.array)]
         if self.sid is not None:
             codes = self.t_sid[slots]
+            k = self.cfg.sid_levels_without_id
+            if self.id_emb is not None and k < codes.shape[-1]:
+                fine = torch.zeros_like(codes, dtype=torch.bool)
+                fine[..., k:] = True
+                codes = codes.masked_fill(fine & (reid == 0)[..., None], 0)
             parts.append(sum(emb(codes[..., i]) for i, emb in enumerate(self.sid)))
         for f, proj in self.mm_proj.items():
             if f in self.t_mm:

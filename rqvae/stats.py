@@ -22,21 +22,3 @@ def level_stats(codes: np.ndarray, codebook_size: int) -> list[dict]:
         p = cnt[cnt > 0] / max(cnt.sum(), 1)
         out.append({"level": lvl, "used": int((cnt > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
     return out
-
-
-def neighbour_agreement(x: np.ndarray, codes: np.ndarray, k: int = 10, sample: int = 2000, seed: int = 0) -> float:
-    """How often an item and each of its k nearest neighbours (cosine, in x) share the first code."""
-    rng = np.random.default_rng(seed)
-    n = len(x)
-    if n <= k:
-        return float("nan")
-    q = rng.choice(n, min(sample, n), replace=False)
-    xn = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    agree = []
-    for lo in range(0, len(q), 256):  # chunks keep the similarity block small for large N
-        qq = q[lo:lo + 256]
-        sims = xn[qq] @ xn.T
-        sims[np.arange(len(qq)), qq] = -np.inf
-        nn = np.argpartition(-sims, k, axis=1)[:, :k]
-        agree.append(codes[nn, 0] == codes[qq, 0][:, None])
-    return float(np.concatenate(agree).mean())
