@@ -59,6 +59,7 @@ class SeqFile:
             log.warning("%s missing; rebuilding offsets by scanning %s", offsets_path.name, self.path)
             self.offsets = scan_offsets(self.path)
         self._fh = None
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -69,8 +70,8 @@ class SeqFile:
         return state
 
     def line(self, i: int) -> list:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
+        if self._fh is None or self._pid != os.getpid():  # a forked DataLoader worker must not share our offset
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(int(self.offsets[i]))
         raw = self._fh.readline()
         try:
