@@ -27,7 +27,7 @@ from model.trainer import TrainConfig, train  # noqa: E402
 GRU4REC = {"hr@10": 0.1103, "ndcg@10": 0.0513}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30)
@@ -39,8 +39,9 @@ def main() -> None:
     p.add_argument("--data-root", help="use splits already converted here (warm{seed}/, cold{seed}/) instead of "
                                        "converting (a machine without the ml100k extra)")
     p.add_argument("--convert-only", action="store_true", help="write the splits to --keep and stop")
+    p.add_argument("--max-users", type=int, default=None, help="first users only (smoke tests)")
     p.add_argument("--keep", help="keep the work dir here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_ml100k_"))
     if a.data_root:
@@ -52,11 +53,11 @@ def main() -> None:
         rows = _read_atomic(src / "ml-100k.item")
         emb = embed([f"{r.get('movie_title', '')} ({r.get('release_year', '')}): "
                      f"{', '.join(r.get('class', '').split())}" for r in rows])  # once; every split reuses it
-        warm = convert(work / "warm", src, 0.0, 0, emb)  # the warm split does not depend on the seed
-        splits_of = {s: {"warm": warm, "cold-start": convert(work / f"cold{s}", src, a.cold_frac, s, emb)}
+        warm = convert(work / "warm", src, 0.0, 0, emb, a.max_users)  # the warm split does not depend on the seed
+        splits_of = {s: {"warm": warm, "cold-start": convert(work / f"cold{s}", src, a.cold_frac, s, emb, a.max_users)}
                      for s in a.seeds}
         if a.convert_only:
-            return
+            return {}
     res: dict[tuple[str, str], list[dict]] = {}
     try:
         for seed in a.seeds:
@@ -88,6 +89,7 @@ def main() -> None:
             print(f"| {split} | {name} | {f('hr@10')} | {f('ndcg@10')} | {f('score')} | {ms[0]['users']} |")
         print(f"| warm | RecBole GRU4Rec (published) | {GRU4REC['hr@10']:.4f} | {GRU4REC['ndcg@10']:.4f} | "
               f"{0.31 * GRU4REC['hr@10'] + 0.69 * GRU4REC['ndcg@10']:.4f} | 943 |")
+        return res
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

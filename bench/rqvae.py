@@ -173,9 +173,10 @@ def main() -> None:
         base = next((r[1] for r in rows if r[0] == "public recipe"), None)
         for mname, secs, cs, ls, nn_agree in rows:
             ratio = f"{base / secs:.1f}x" if base else "-"
+            used = "/".join(str(lv["used"]) for lv in ls)
+            perplexity = "/".join("%.0f" % lv["perplexity"] for lv in ls)
             print(f"| {mname} | {secs:.2f} | {ratio} | {cs['collision_rate']:.4f} | {cs['largest_group']} | "
-                  f"{'/'.join(str(lv['used']) for lv in ls)} | {'/'.join(f'{lv['perplexity']:.0f}' for lv in ls)} | "
-                  f"{nn_agree:.3f} |")
+                  f"{used} | {perplexity} | {nn_agree:.3f} |")
         sys.stdout.flush()
     print(f"\n# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

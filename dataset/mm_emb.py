@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -73,46 +74,6 @@ def _part_files(folder: Path) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and (p.suffix in (".json", ".jsonl") or p.name.startswith("part-"))
     )
-
-
-class _Sink:
-    """Collects parsed rows: streamed to cache files when a cache dir is writable, else kept in memory."""
-
-    def __init__(self, dim: int, emb_path: Path | None, ids_path: Path | None):
-        self.dim, self.n = dim, 0
-        self._emb_ctx = atomic_open(emb_path, "wb") if emb_path else None
-        self._ids_ctx = atomic_open(ids_path, "wb") if ids_path else None
-        self._emb_f = self._emb_ctx.__enter__() if self._emb_ctx else None
-        self._ids_f = self._ids_ctx.__enter__() if self._ids_ctx else None
-        self._embs: list[np.ndarray] = []
-        self._ids: list[np.ndarray] = []
-
-    def add(self, ids: np.ndarray, emb: np.ndarray) -> None:
-        if not len(ids):
-            return
-        self.n += len(ids)
-        if self._emb_f:
-            self._emb_f.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
-            self._ids_f.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
-        else:
-            self._embs.append(emb.astype(np.float32, copy=False))
-            self._ids.append(ids.astype(np.int64, copy=False))
-
-    def close(self, ok: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        if self._emb_ctx:
-            exc = (None, None, None) if ok else (RuntimeError, RuntimeError("aborted"), None)
-            for ctx in (self._emb_ctx, self._ids_ctx):
-                try:
-                    ctx.__exit__(*exc)
-                except RuntimeError:
-                    pass
-            return None
-        if not ok:
-            return None
-        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
-        emb = np.concatenate(self._embs) if self._embs else np.zeros((0, self.dim), np.float32)
-        self._embs.clear()
-        return ids, emb
 
 
 def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[int], list[np.ndarray]]:
@@ -230,7 +191,7 @@ def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np
     return ids, emb
 
 
-def _load_pickle_source(path: Path, dim: int, sink: _Sink, skipped: dict) -> None:
+def _load_pickle_source(path: Path, dim: int, add: Callable[[np.ndarray, np.ndarray], None], skipped: dict) -> None:
     obj = load_pickle(path)
     if not isinstance(obj, dict):
         raise DataFormatError(f"{path}: expected a dict {{creative_id: vector}}, got {type(obj).__name__}")
@@ -248,7 +209,7 @@ def _load_pickle_source(path: Path, dim: int, sink: _Sink, skipped: dict) -> Non
         ids.append(cid)
         rows.append(vec)
     if rows:
-        sink.add(*_drop_nonfinite(np.asarray(ids, np.int64), np.stack(rows), skipped))
+        add(*_drop_nonfinite(np.asarray(ids, np.int64), np.stack(rows), skipped))
 
 
 def _source_signature(files: list[Path]) -> list[list]:
@@ -312,34 +273,46 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
             return cached
 
     skipped: dict = {}
-    sink = _Sink(dim, cdir / f"{stem}.f32" if cdir else None, cdir / f"{stem}.ids.i64" if cdir else None)
-    ok = False
-    try:
+    parts: list[tuple[np.ndarray, np.ndarray]] = []  # only without a cache dir
+    n = 0
+    with ExitStack() as stack:
+        # Rows stream into the cache files (temp files renamed on success), so memory stays a few chunks.
+        emb_f = stack.enter_context(atomic_open(cdir / f"{stem}.f32", "wb")) if cdir else None
+        ids_f = stack.enter_context(atomic_open(cdir / f"{stem}.ids.i64", "wb")) if cdir else None
+
+        def add(ids: np.ndarray, emb: np.ndarray) -> None:
+            nonlocal n
+            n += len(ids)
+            if emb_f is not None:
+                emb_f.write(np.ascontiguousarray(emb, np.float32).tobytes())
+                ids_f.write(np.ascontiguousarray(ids, np.int64).tobytes())
+            elif len(ids):
+                parts.append((ids, emb))
+
         total = sum(f.stat().st_size for f in files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading mm_emb {fid}", leave=False) as bar:
-            for f in files:
-                if f.suffix == ".pkl":
-                    _load_pickle_source(f, dim, sink, skipped)
-                    bar.update(f.stat().st_size)
-            tasks = [(f, lo, hi, dim) for f, lo, hi in _ranges([f for f in files if f.suffix != ".pkl"])]
-            for ids, emb, sk, nbytes in _parsed_ranges(tasks):
-                sink.add(ids, emb)
-                for k, v in sk.items():
-                    skipped[k] = skipped.get(k, 0) + v
-                bar.update(nbytes)
-        ok = True
-    finally:
-        mem = sink.close(ok)
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading mm_emb {fid}",
+                                       leave=False))
+        for f in files:
+            if f.suffix == ".pkl":
+                _load_pickle_source(f, dim, add, skipped)
+                bar.update(f.stat().st_size)
+        tasks = [(f, lo, hi, dim) for f, lo, hi in _ranges([f for f in files if f.suffix != ".pkl"])]
+        for ids, emb, sk, nbytes in _parsed_ranges(tasks):
+            add(ids, emb)
+            for k, v in sk.items():
+                skipped[k] = skipped.get(k, 0) + v
+            bar.update(nbytes)
     if skipped:
         log.warning("mm_emb %s: skipped %d bad rows (%s)", fid, sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
-    if mem is not None:
-        ids, emb = mem
+    if cdir is None:
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        emb = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
         return MMEmbedding(fid, ids, emb, skipped)
-    write_json(cdir / f"{stem}.meta.json", {"version": CACHE_VERSION, "fid": fid, "dim": dim, "n": sink.n,
+    write_json(cdir / f"{stem}.meta.json", {"version": CACHE_VERSION, "fid": fid, "dim": dim, "n": n,
                                             "sources": sig, "skipped": skipped})
     cached = _try_cached(cdir, stem, sig, dim, fid)
-    if cached is None:  # sources changed while we read them: serve this parse, not a cache
+    if cached is None:  # a source file changed while we read it: what we parsed may be a mix of versions
         raise DataFormatError(f"{path}: source files changed while loading; run again")
     return cached
 

@@ -1,6 +1,7 @@
 """Exact top-k by inner product over a candidate matrix, in chunks so memory stays bounded.
 
-Memory: one [user_chunk, item_chunk] score block plus the running top-k, whatever the pool size.
+Memory: one [user_chunk, item_chunk] score block (128 MiB by default) plus the running top-k, whatever the
+pool size.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
-                       exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 1024,
-                       item_chunk: int = 131072) -> tuple[torch.Tensor, torch.Tensor]:
+                       exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 512,
+                       item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [U, k], item indices [U, k]) of the k best items per query, best first.
 
     `exclude[u]`: item indices never returned for query u (e.g. items already in the user's history).

@@ -192,3 +192,12 @@ def test_synth_is_deterministic(tmp_path):
     for name in ("seq.jsonl", "predict_seq.jsonl", "predict_set.jsonl", "item_feat_dict.json", "labels.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert load_pickle(tmp_path / "a" / "indexer.pkl") == load_pickle(tmp_path / "b" / "indexer.pkl")
+
+
+def test_seqfile_is_safe_in_forked_dataloader_workers(world):
+    """Workers forked after the parent read a line must not share its file offset (garbled JSON otherwise)."""
+    train, _ = world
+    ds = TrainDataset(train, maxlen=20)
+    ds[0]  # the parent opens the file
+    seen = sum(len(b["seq"]) for b in DataLoader(ds, batch_size=4, num_workers=2))
+    assert seen == len(ds)

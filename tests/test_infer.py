@@ -222,3 +222,35 @@ def test_metrics_are_reported_overall_and_cold(world, checkpoint, tmp_path):
     assert m["overall"]["users"] == 40 and m["cold_start"]["users"] + m["warm"]["users"] == 40
     o = m["overall"]
     assert abs(o["score"] - (0.31 * o["hr@10"] + 0.69 * o["ndcg@10"])) < 1e-12
+
+
+def test_demo_world_is_created_trained_once_and_reused(monkeypatch, caplog):
+    """With no paths set, infer.py makes the demo world and a model on the first run and reuses both."""
+    import dataset.synth as synth
+    from conftest import TINY
+
+    monkeypatch.setattr(synth, "SynthConfig", lambda: TINY)
+    with caplog.at_level("INFO"):
+        assert main([]) == 0
+    assert "creating the demo world" in caplog.text and "training a small one once" in caplog.text
+    assert "no semantic_id found, trying to generate..." in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main([]) == 0
+    assert "creating the demo world" not in caplog.text and "training a small one" not in caplog.text
+    assert "loaded semantic_id for" in caplog.text
+    from dataset.safeio import cache_root
+    res = json.loads((cache_root() / "demo" / "results" / "result.json").read_text())
+    assert len(res["user"]) == TINY.test_users and "time" in res
+
+
+def test_train_cli_env_fallbacks(world, tmp_path, monkeypatch):
+    import train as train_cli
+
+    tr, _ = world
+    monkeypatch.setenv("TRAIN_DATA_PATH", str(tr))
+    monkeypatch.setenv("TRAIN_CKPT_PATH", str(tmp_path / "ck"))
+    assert train_cli.main(["--epochs", "1", "--hidden", "16", "--maxlen", "20", "--num_negatives", "32"]) == 0
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["model"]["hidden"] == 16 and cfg["rqvae"]["features"] == ["81"]
+    assert (tmp_path / "ck" / "rqvae" / "rqvae_model.pt").is_file()
