@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +37,7 @@ from rqvae.fit import peak_memory_mb, resolve_device
 log = logging.getLogger("evalu.infer")
 
 RESULT_FILE, REPORT_FILE = "result.json", "infer_report.json"
+DEMO_VERSION = "2"  # bump when the demo world or the model format changes: cached demos are rebuilt
 
 
 @dataclass
@@ -87,9 +89,14 @@ def _demo_paths(cfg: InferConfig) -> InferConfig:
 
     root = cache_root() / "demo"
     train_dir, eval_dir, model_dir = root / "train", root / "eval", root / "model"
+    stamp = root / "VERSION"
+    if root.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != DEMO_VERSION):
+        log.info("the demo world in %s is from another version: rebuilding it", root)
+        shutil.rmtree(root)
     if not (eval_dir / "predict_set.jsonl").is_file() or not (train_dir / "seq.jsonl").is_file():
         log.info("no EVAL_DATA_PATH / EVAL_RESULT_PATH / MODEL_OUTPUT_PATH set: creating the demo world in %s", root)
         generate(train_dir, SynthConfig(), eval_out=eval_dir)
+        stamp.write_text(DEMO_VERSION + "\n")
     if not is_checkpoint(model_dir):
         log.info("no demo model yet: training a small one once (cached in %s)", model_dir)
         train(TrainConfig(data_dir=str(train_dir), output_dir=str(model_dir), epochs=6))

@@ -60,7 +60,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     meta = json.loads((d / CONFIG_FILE).read_text())
     schema = FeatureSchema.from_dict(meta["schema"])
     model = Recommender(schema, ModelConfig.from_dict(meta["model"]))
-    model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+    except RuntimeError as e:  # e.g. a checkpoint written by another version of the model code
+        raise ValueError(f"{d}: checkpoint does not match this version of the model; retrain it ({e})") from e
     rq = RQVAE.load(d / RQVAE_DIR, device) if meta.get("rqvae") and (d / RQVAE_DIR).is_dir() else None
     sids: dict[int, list[int]] = {}
     if (d / SEMANTIC_ID_FILE).is_file():
