@@ -112,7 +112,7 @@ def main() -> None:
         rows["ours, cached load + read all"] = run_stage("cached+read", emb_dir, "82", folder)
         base = rows.get("baseline (json.loads per line -> dict)", {}).get("seconds")
         matrix_mb = a.n * a.dim * 4 / 2**20
-        print(f"| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
+        print("| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
         print("|---|---|---|---|---|---|")
         for name, r in rows.items():
             ratio = f"{base / r['seconds']:.1f}x faster" if base else "-"

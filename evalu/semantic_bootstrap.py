@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +117,6 @@ def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
 
 def _features_of(rq_dir: Path, default: list[str]) -> list[str]:
     """Features an RQ-VAE was trained on, from the report written beside it."""
-    import json
     rep = rq_dir / "semantic_id_report.json"
     try:
         return list(json.loads(rep.read_text())["features"])

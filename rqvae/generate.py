@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dataset.files import load_indexer
 from dataset.mm_emb import MMEmbedding, load_mm_emb
 from dataset.safeio import is_writable_dir, write_json
 from dataset.semantic_ids import SEMANTIC_ID_FILE, save_semantic_ids
@@ -177,7 +178,6 @@ def _coverage(data_path: Path, ids: np.ndarray) -> dict:
     idx_path = data_path / "indexer.pkl"
     if not idx_path.is_file():
         return {}
-    from dataset.files import load_indexer
     known = np.fromiter(load_indexer(idx_path)["i"].keys(), np.int64)
     covered = np.isin(known, ids)
     return {"indexed_items": int(len(known)), "indexed_items_without_feature": int((~covered).sum()),
