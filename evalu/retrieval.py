@@ -1,6 +1,6 @@
 """Exact top-k by inner product over a candidate matrix, in chunks so memory stays bounded.
 
-Memory: one [user_chunk, item_chunk] score block (128 MiB by default) plus the running top-k, whatever the
+Memory: one [user_chunk, item_chunk] score block (16 MiB by default) plus the running top-k, whatever the
 pool size.
 """
 from __future__ import annotations
@@ -14,10 +14,28 @@ import torch
 log = logging.getLogger(__name__)
 
 
+_GROUP = 64
+
+
+def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k per row of a score block. Rows are cut into groups of _GROUP columns; only the k groups with
+    the largest maxima can hold a top-k entry (every other group has k larger entries elsewhere), so the sort runs
+    on k * _GROUP candidates instead of the whole row. A grouped `amax` costs a fraction of `topk` per element."""
+    u, c = s.shape
+    if c < 4 * k * _GROUP or c % _GROUP:
+        return s.topk(min(k, c), dim=1)
+    groups = s.view(u, c // _GROUP, _GROUP)
+    top_g = groups.amax(2).topk(k, dim=1).indices  # [u, k]
+    cand = groups.gather(1, top_g[:, :, None].expand(-1, -1, _GROUP)).reshape(u, k * _GROUP)
+    ts, pos = cand.topk(k, dim=1)
+    # candidate position -> column: group index * _GROUP + offset inside the group
+    return ts, top_g.gather(1, pos // _GROUP) * _GROUP + pos % _GROUP
+
+
 @torch.no_grad()
 def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
-                       exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 512,
-                       item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                       exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 256,
+                       item_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [U, k], item indices [U, k]) of the k best items per query, best first.
 
     `exclude[u]`: item indices never returned for query u (e.g. items already in the user's history).
@@ -41,7 +59,7 @@ def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                 if rows and sum(len(c) for c in cols):
                     s[torch.as_tensor(np.concatenate(rows), device=s.device),
                       torch.as_tensor(np.concatenate(cols), device=s.device)] = float("-inf")
-            ts, ti = s.topk(min(kk, s.shape[1]), dim=1)
+            ts, ti = _block_topk(s, kk)
             cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
             best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
             best_i = cat_i.gather(1, pos)

@@ -253,3 +253,24 @@ def test_train_cli_env_fallbacks(world, tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["model"]["hidden"] == 16 and cfg["rqvae"]["features"] == ["81"]
     assert (tmp_path / "ck" / "rqvae" / "rqvae_model.pt").is_file()
+
+
+def test_grouped_block_topk_matches_plain_topk_with_ties_and_exclusions():
+    from evalu.retrieval import _block_topk
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(50, 4096, generator=g).round(decimals=1)  # many ties
+    s[3] = float("-inf")
+    s[4, :100] = 10.0
+    vals, idx = _block_topk(s.clone(), 10)
+    ref = s.topk(10, dim=1).values
+    assert torch.equal(vals, ref)
+    assert torch.equal(s.gather(1, idx), vals)  # the indices point at those values
+    q, items = torch.randn(300, 16, generator=g), torch.randn(20000, 16, generator=g)
+    ex = [np.arange(u, 20000, 97) for u in range(300)]
+    sc, ix = topk_inner_product(q, items, 10, exclude=ex)
+    full = q @ items.T
+    for u in range(300):
+        full[u, ex[u]] = float("-inf")
+    ref = full.topk(10, dim=1)
+    assert torch.allclose(sc, ref.values) and torch.equal(ix, ref.indices)
