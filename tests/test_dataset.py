@@ -201,3 +201,14 @@ def test_seqfile_is_safe_in_forked_dataloader_workers(world):
     ds[0]  # the parent opens the file
     seen = sum(len(b["seq"]) for b in DataLoader(ds, batch_size=4, num_workers=2))
     assert seen == len(ds)
+
+
+def test_user_action_type_is_optional_and_checked(tmp_path):
+    from dataset import load_action_types
+
+    assert load_action_types(tmp_path / "user_action_type.json") == {}
+    (tmp_path / "user_action_type.json").write_text('{"user_01": 1, "user_02": 2}')
+    assert load_action_types(tmp_path / "user_action_type.json") == {"user_01": 1, "user_02": 2}
+    (tmp_path / "user_action_type.json").write_text('[1, 2]')
+    with pytest.raises(DataFormatError, match="user_action_type.json"):
+        load_action_types(tmp_path / "user_action_type.json")
