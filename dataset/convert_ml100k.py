@@ -104,7 +104,7 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
     profile = {}
     for u in users:
         age = int(u["age"])
-        bucket = 1 + sum(age >= a for a in (18, 25, 35, 45, 50, 56))
+        bucket = max((b for lo, b in ages.items() if age >= int(lo)), default=1)  # ages: lower bound of a bucket -> its id
         profile[u["user_id"]] = {"103": bucket, "104": 1 if u["gender"] == "M" else 2,
                                  "105": occupations.index(u["occupation"]) + 1}
 

@@ -57,10 +57,16 @@ class _Base(Dataset):
                 log.warning("semantic IDs unusable: %s", e)
                 self.semantic_id_error = str(e)
 
-    def rebuild(self) -> "_Base":
-        """Reload `semantic_id_dict.json` (after it was generated) and re-attach the IDs to every item."""
+    def _finalize(self) -> None:
+        """Once, after every item slot is registered: feature arrays, mm embeddings and semantic IDs."""
         self._load_semantic_ids()
         self.store.finalize(self.semantic_id_dict, self.mm)
+
+    def rebuild(self) -> "_Base":
+        """Reload `semantic_id_dict.json` (after it was generated) and re-attach the IDs to every item; the
+        other per-item arrays do not depend on it and stay as they are."""
+        self._load_semantic_ids()
+        self.store.attach_semantic_ids(self.semantic_id_dict)
         return self
 
     @property
@@ -124,7 +130,7 @@ class TrainDataset(_Base):
     def __init__(self, data_dir: str | os.PathLike, **kw: Any):
         super().__init__(data_dir, **kw)
         self.seq = SeqFile(self.data_dir / "seq.jsonl", self.data_dir / "seq_offsets.pkl")
-        self.rebuild()
+        self._finalize()
 
     def __len__(self) -> int:
         return len(self.seq)
@@ -194,7 +200,7 @@ class TestDataset(_Base):
         self.candidate_slots = np.asarray(
             [reid_of.get(int(c), 0) or self.store.slot_for(int(c), f) for c, f in zip(pool.creative_ids, pool.features)],
             np.int64)
-        self.rebuild()
+        self._finalize()
 
     def __len__(self) -> int:
         return len(self.users)

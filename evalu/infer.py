@@ -171,7 +171,8 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     top10s, t["embed"] = _retrieve(model, ds, cfg, device)
     t["retrieve"] = time.perf_counter()
 
-    report: dict[str, Any] = {"checkpoint": str(ckpt), "data_dir": str(cfg.data_dir), "users": len(ds),
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "data_dir": str(cfg.data_dir), "result_dir": str(result_dir),
+                              "users": len(ds),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
                               "device": str(device)}
     labels_path = cfg.labels
@@ -216,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         log.error("%s", e)
         return 1
-    result_dir = Path(cfg.result_dir or (cache_root() / "demo" / "results"))
-    result_dir.mkdir(parents=True, exist_ok=True)
+    result_dir = Path(report["result_dir"])  # run() resolved it (the demo's, when no paths are set)
     write_json(result_dir / RESULT_FILE, {"time": round(time.perf_counter() - t0, 3), "top10s": top10s, "user": users},
                compact=True)
     write_json(result_dir / REPORT_FILE, report)
