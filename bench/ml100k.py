@@ -1,98 +1,212 @@
-"""Benchmark on real data: MovieLens-100k in the competition format, the whole product end to end.
+"""Benchmark on real data: MovieLens-100k in the competition format, our product against RecBole's sequential
+models run here on exactly the same split (needs the ml100k extra).
 
-For each seed: convert (warm split, and an item cold-start split where a seeded 10% of items never appear in
-training), train.py without and with semantic IDs, evalu/infer.py with full ranking over all items (history
-items filtered, as RecBole's full sort does). Reports HR@10, NDCG@10 and the competition score, mean ± std.
-Anchor: RecBole's GRU4Rec on ml-100k, leave-one-out by time, full ranking: HR@10 0.1103, NDCG@10 0.0513.
+Splits: leave-one-out by time (each user's last rating is the test target, the one before it validates), full
+ranking over all 1,682 items. "warm": every item appears in training; "cold-start" (one per seed): a seeded 10%
+of items never appears in training, and only users whose target is one of them count.
 
-    python bench/ml100k.py [--seeds 0 1 2 --epochs 30]      (needs the ml100k extra)
+Rules (both reported, each model selected on validation under the rule it is tested with):
+  unfiltered   every item is ranked (RecBole's default for sequential models)
+  filtered     the items of the user's history are removed first (our --filter-seen)
+
+Per seed: RecBole's SASRec (dropout 0.2 and 0.5) and GRU4Rec on the warm split (bench/peers.py: their packaged
+defaults, CE loss, stopped by validation patience, an epoch cap or a time budget, whichever comes first); our
+model with and without semantic IDs on a fresh copy of each split (so every seed trains its own RQ-VAE).
+RecBole's published GRU4Rec figure on ml-100k (HR@10 0.1103, NDCG@10 0.0513, unfiltered) is a reference only.
+
+    python bench/ml100k.py [--seeds 0 1 2 --epochs 60 --threads 1 --peers-cache peers.jsonl]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
-import shutil
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
+sys.path.append(str(Path(__file__).resolve().parent))
 from dataset.convert_ml100k import _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
-from evalu.infer import InferConfig, run  # noqa: E402
-from model.recommender import ModelConfig  # noqa: E402
-from model.trainer import TrainConfig, train  # noqa: E402
+from harness import fresh_copy, mean_std, train_and_infer  # noqa: E402
 
-GRU4REC = {"hr@10": 0.1103, "ndcg@10": 0.0513}
+PUBLISHED_GRU4REC = {"hr@10": 0.1103, "ndcg@10": 0.0513}
+RULES = ("unfiltered", "filtered")
+
+
+def _splits(a: argparse.Namespace, work: Path) -> dict[int, dict[str, Path]]:
+    if a.data_root:
+        root = Path(a.data_root)
+        return {s: {"warm": root / f"warm{s}" if (root / f"warm{s}").is_dir() else root / "warm",
+                    "cold-start": root / f"cold{s}"} for s in a.seeds}
+    src = find_recbole_ml100k()
+    rows = _read_atomic(src / "ml-100k.item")
+    emb = embed([f"{r.get('movie_title', '')} ({r.get('release_year', '')}): "
+                 f"{', '.join(r.get('class', '').split())}" for r in rows])  # once; every split reuses it
+    warm = convert(work / "warm", src, 0.0, 0, emb, a.max_users)  # the warm split does not depend on the seed
+    return {s: {"warm": warm, "cold-start": convert(work / f"cold{s}", src, a.cold_frac, s, emb, a.max_users)}
+            for s in a.seeds}
+
+
+def _peer_runs(a: argparse.Namespace, warm: Path, work: Path) -> list[dict]:
+    """RecBole peers per seed, reusing runs of `--peers-cache` made on the same split with the same budget."""
+    import peers
+
+    seqs = peers.write_atomic(warm, work / "recbole", "split")
+    digest = hashlib.sha256((work / "recbole" / "split" / "split.inter").read_bytes()).hexdigest()[:16]
+    budget = {"max_epochs": a.peer_max_epochs, "time_budget": a.peer_time_budget, "patience": a.peer_patience,
+              "threads": torch.get_num_threads()}
+    cache = []
+    if a.peers_cache and Path(a.peers_cache).is_file():
+        cache = [json.loads(ln) for ln in Path(a.peers_cache).read_text().splitlines() if ln.strip()]
+    out = []
+    for seed in a.seeds:
+        for label in a.peers:
+            hit = next((r for r in cache if r.get("model") == label and r.get("seed") == seed
+                        and r.get("split") == digest and r.get("budget") == budget), None)
+            if hit is None:
+                hit = peers.run_peer(label, work / "recbole", "split", seed, seqs, a.peer_max_epochs,
+                                     a.peer_time_budget, a.peer_patience)
+                hit.update(split=digest, budget=budget)
+                if a.peers_cache:
+                    with open(a.peers_cache, "a") as f:
+                        f.write(json.dumps(hit) + "\n")
+            print(f"seed {seed} {label:22s} " + "  ".join(
+                f"{r} HR@10 {hit[r]['hr@10']:.4f} NDCG@10 {hit[r]['ndcg@10']:.4f}" for r in RULES)
+                + f"  ({hit['epochs']} epochs, {hit['seconds']:.0f} s, stopped by {hit['stopped_by']}, "
+                  f"targets agree {hit['targets_agree']}/{hit['test_users']})", flush=True)
+            out.append(hit)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import peers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--cold-frac", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--data-root", help="use splits already converted here (warm{seed}/, cold{seed}/) instead of "
-                                       "converting (a machine without the ml100k extra)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every model (default 1)")
+    p.add_argument("--peers", nargs="*", default=list(peers.PEERS), choices=list(peers.PEERS),
+                   help="RecBole models to run (none: skip them)")
+    p.add_argument("--peer-max-epochs", type=int, default=200)
+    p.add_argument("--peer-time-budget", type=float, default=2400.0, help="seconds of training per peer and seed")
+    p.add_argument("--peer-patience", type=int, default=10, help="epochs without a better validation score")
+    p.add_argument("--peers-cache", help="JSON lines of earlier peer runs: reused when split and budget match, "
+                                         "new runs appended")
+    p.add_argument("--data-root", help="use splits already converted here (warm/, cold{seed}/)")
     p.add_argument("--convert-only", action="store_true", help="write the splits to --keep and stop")
     p.add_argument("--max-users", type=int, default=None, help="first users only (smoke tests)")
     p.add_argument("--keep", help="keep the work dir here")
+    p.add_argument("--out", help="write every figure as JSON here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(a.threads)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_ml100k_"))
-    if a.data_root:
-        root = Path(a.data_root)
-        splits_of = {s: {"warm": root / f"warm{s}" if (root / f"warm{s}").is_dir() else root / "warm",
-                         "cold-start": root / f"cold{s}"} for s in a.seeds}
-    else:
-        src = find_recbole_ml100k()
-        rows = _read_atomic(src / "ml-100k.item")
-        emb = embed([f"{r.get('movie_title', '')} ({r.get('release_year', '')}): "
-                     f"{', '.join(r.get('class', '').split())}" for r in rows])  # once; every split reuses it
-        warm = convert(work / "warm", src, 0.0, 0, emb, a.max_users)  # the warm split does not depend on the seed
-        splits_of = {s: {"warm": warm, "cold-start": convert(work / f"cold{s}", src, a.cold_frac, s, emb, a.max_users)}
-                     for s in a.seeds}
-        if a.convert_only:
-            return {}
-    res: dict[tuple[str, str], list[dict]] = {}
-    try:
-        for seed in a.seeds:
-            splits = splits_of[seed]
-            for split, d in splits.items():
-                for name, use in (("no semantic ID", False), ("with semantic ID", True)):
-                    ck = work / f"{d.name}_s{seed}_ck_{use}"
-                    train(TrainConfig(data_dir=str(d), output_dir=str(ck), epochs=a.epochs, seed=seed,
-                                      batch_size=a.batch_size, lr=a.lr, device=a.device, num_workers=a.num_workers,
-                                      model=ModelConfig(use_semantic_ids=use)))
-                    _, _, rep = run(InferConfig(data_dir=str(d), model_dir=str(ck), result_dir=str(ck / "res"),
-                                                labels=str(d / "labels.jsonl"), filter_seen=True, device=a.device))
-                    part = "overall" if split == "warm" else "cold_start"
-                    res.setdefault((split, name), []).append(rep["metrics"][part])
-                    m = rep["metrics"][part]
-                    print(f"seed {seed} {split:10s} {name:17s} HR@10 {m['hr@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} "
-                          f"({m['users']} users)", flush=True)
-        import torch
-        dev = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu"
-        print(f"\n# ml-100k on {dev}, leave-one-out by time, full ranking over all 1682 items, seeds {a.seeds}, "
-              f"{a.epochs} epochs, batch {a.batch_size}, lr {a.lr}; cold-start: {a.cold_frac:.0%} of items unseen in training, users whose target "
-              f"is one of them")
-        print("| split | model | HR@10 | NDCG@10 | score | users |")
-        print("|---|---|---|---|---|---|")
-        for (split, name), ms in res.items():
-            def f(key: str) -> str:
-                v = np.array([m[key] for m in ms])
-                return f"{v.mean():.4f} ± {v.std():.4f}"
-            print(f"| {split} | {name} | {f('hr@10')} | {f('ndcg@10')} | {f('score')} | {ms[0]['users']} |")
-        print(f"| warm | RecBole GRU4Rec (published) | {GRU4REC['hr@10']:.4f} | {GRU4REC['ndcg@10']:.4f} | "
-              f"{0.31 * GRU4REC['hr@10'] + 0.69 * GRU4REC['ndcg@10']:.4f} | 943 |")
-        return res
-    finally:
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    splits = _splits(a, work)
+    if a.convert_only:
+        return {}
+    t0 = time.perf_counter()
+    peer_runs = _peer_runs(a, splits[a.seeds[0]]["warm"], work) if a.peers else []
+    ours: dict[tuple, list[dict]] = {}
+    train_kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
+    for seed in a.seeds:
+        for name, use in (("ours, no semantic ID", False), ("ours, semantic IDs", True)):
+            model = {"use_semantic_ids": use}
+            for rule in RULES:  # warm: one model per rule, selected on validation under that rule
+                d = fresh_copy(splits[seed]["warm"], work / "run" / "data")
+                r = train_and_infer(d, d, work / "run", seed, [rule], model, filter_seen=str(rule == "filtered").lower(),
+                                    **train_kw)
+                ours.setdefault(("warm", name, rule), []).append({**r[rule]["overall"], "seconds": r["seconds"]})
+            d = fresh_copy(splits[seed]["cold-start"], work / "run" / "data")
+            r = train_and_infer(d, d, work / "run", seed, ["chosen", "filtered", "unfiltered"], model, **train_kw)
+            for rule in RULES:
+                ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"], "seconds": r["seconds"]})
+            ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen"]})
+            print(f"seed {seed} {name:22s} warm HR@10 " + " / ".join(
+                f"{ours[('warm', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES) + ", cold-start HR@10 "
+                + " / ".join(f"{ours[('cold-start', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES),
+                flush=True)
+    report = _tables(a, peer_runs, ours)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list[dict]]) -> dict:
+    dev = "cpu"
+    print(f"\n# ml-100k on {dev} ({a.threads} thread(s) per model), leave-one-out by time, full ranking over all items, "
+          f"seeds {a.seeds}, mean ± std over seeds; ours: {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}; peers: "
+          f"RecBole defaults, at most {a.peer_max_epochs} epochs / {a.peer_time_budget:.0f} s / patience {a.peer_patience}")
+    print("\n| model (warm split) | HR@10 unfiltered | NDCG@10 unfiltered | HR@10 filtered | NDCG@10 filtered "
+          "| epochs | seconds per run |")
+    print("|---|---|---|---|---|---|---|")
+    rows: dict[str, dict] = {}
+    for label in dict.fromkeys(r["model"] for r in peer_runs):
+        rs = [r for r in peer_runs if r["model"] == label]
+        rows[f"RecBole {label}"] = {rule: [r[rule] for r in rs] for rule in RULES}
+        print(f"| RecBole {label} | " + " | ".join(mean_std(r[rule][m] for r in rs) for rule in RULES
+                                                   for m in ("hr@10", "ndcg@10"))
+              + f" | {'/'.join(str(r['epochs']) for r in rs)} ({'/'.join(r['stopped_by'] for r in rs)})"
+              + f" | {mean_std((r['seconds'] for r in rs), 0)} |")
+    for name in ("ours, no semantic ID", "ours, semantic IDs"):
+        by = {rule: ours.get(("warm", name, rule), []) for rule in RULES}
+        if not by["unfiltered"]:
+            continue
+        rows[name] = by
+        print(f"| {name} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
+                                          for k in ("hr@10", "ndcg@10"))
+              + f" | {a.epochs} | {mean_std((m['seconds'] for m in by['filtered'] + by['unfiltered']), 0)} |")
+    print(f"| RecBole GRU4Rec, published (reference, not run here) | {PUBLISHED_GRU4REC['hr@10']:.4f} | "
+          f"{PUBLISHED_GRU4REC['ndcg@10']:.4f} | | | | |")
+    if peer_runs:
+        agree = sum(r["targets_agree"] for r in peer_runs), sum(r["test_users"] for r in peer_runs)
+        print(f"\nTest targets identical in RecBole's split and ours: {agree[0]} of {agree[1]} user-runs.")
+    checks = []
+    best_peer = [k for k in rows if k.startswith("RecBole")]
+    if best_peer and "ours, semantic IDs" in rows:
+        for rule in RULES:
+            for m in ("hr@10", "ndcg@10"):
+                ours_v = np.array([x[m] for x in rows["ours, semantic IDs"][rule]])
+                bp = max(best_peer, key=lambda k: np.mean([x[m] for x in rows[k][rule]]))
+                peer_v = np.array([x[m] for x in rows[bp][rule]])
+                margin, need = ours_v.mean() - peer_v.mean(), max(ours_v.std(), peer_v.std())
+                checks.append(f"warm {rule} {m}: ours {ours_v.mean():.4f} vs best peer ({bp}) {peer_v.mean():.4f}: "
+                              f"margin {margin:+.4f}, larger std {need:.4f} -> {'MET' if margin > need else 'MISSED'}")
+    print("\n| model (cold-start split) | rule chosen by validation | HR@10 unfiltered | NDCG@10 unfiltered "
+          "| HR@10 filtered | NDCG@10 filtered | users |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("ours, no semantic ID", "ours, semantic IDs"):
+        by = {rule: ours.get(("cold-start", name, rule), []) for rule in RULES}
+        if not by["filtered"]:
+            continue
+        chosen = "/".join("filtered" if c["filtered"] else "unfiltered" for c in ours[("cold-start", name, "chosen")])
+        print(f"| {name} | {chosen} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
+                                                    for k in ("hr@10", "ndcg@10"))
+              + f" | {'/'.join(str(m['users']) for m in by['filtered'])} |")
+    if ours.get(("cold-start", "ours, semantic IDs", "filtered")) and ours.get(("cold-start", "ours, no semantic ID", "filtered")):
+        for rule in RULES:
+            for m in ("hr@10", "ndcg@10"):
+                w = np.array([x[m] for x in ours[("cold-start", "ours, semantic IDs", rule)]])
+                wo = np.array([x[m] for x in ours[("cold-start", "ours, no semantic ID", rule)]])
+                ratio = w.mean() / wo.mean() if wo.mean() > 0 else float("inf")
+                sep = w.mean() - w.std() > wo.mean() + wo.std()
+                checks.append(f"cold-start {rule} {m}: with IDs {w.mean():.4f} ± {w.std():.4f} vs without "
+                              f"{wo.mean():.4f} ± {wo.std():.4f}: {ratio:.2f}x, bands "
+                              f"{'separate' if sep else 'overlap'} -> {'MET' if ratio >= 1.2 and sep else 'MISSED'}")
+    if checks:
+        print("\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+    return {"peers": peer_runs, "ours": {" | ".join(k): v for k, v in ours.items()}, "checks": checks}
 
 
 if __name__ == "__main__":

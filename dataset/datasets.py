@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -125,10 +126,15 @@ class _Base(Dataset):
 
 
 class TrainDataset(_Base):
-    """Next-item training samples from `seq.jsonl`; each user's last click is held out for validation."""
+    """Next-item training samples from `seq.jsonl`; each user's last click is held out for validation.
 
-    def __init__(self, data_dir: str | os.PathLike, **kw: Any):
+    A sequence longer than maxlen + 1 yields a window of maxlen + 1 items ending at a random position each time
+    it is read (`random_window`); else only its last maxlen next items would ever be trained on (38% of
+    MovieLens-100k's interactions at maxlen 100)."""
+
+    def __init__(self, data_dir: str | os.PathLike, random_window: bool = True, **kw: Any):
         super().__init__(data_dir, **kw)
+        self.random_window = random_window
         self.seq = SeqFile(self.data_dir / "seq.jsonl", self.data_dir / "seq_offsets.pkl")
         self._finalize()
 
@@ -145,27 +151,57 @@ class TrainDataset(_Base):
         cut = self._holdout(u["actions"])
         slots = u["slots"][:cut] if cut is not None else u["slots"]
         acts = u["actions"][:cut] if cut is not None else u["actions"]
+        if self.random_window and len(slots) > self.maxlen + 1:
+            end = int(torch.randint(self.maxlen + 1, len(slots) + 1, ()))  # torch: seeded per DataLoader worker
+            slots, acts = slots[end - self.maxlen - 1:end], acts[end - self.maxlen - 1:end]
         return {"seq": torch.from_numpy(self._left_pad(slots[:-1])), "pos": torch.from_numpy(self._left_pad(slots[1:])),
                 "action": torch.from_numpy(self._left_pad(acts[1:])),
                 "user_sparse": torch.from_numpy(u["user_sparse"]), "user_array": torch.from_numpy(u["user_array"])}
 
     def validation_samples(self, max_users: int | None = None) -> dict[str, torch.Tensor]:
         """History before each user's last click and that click as target, for users that have one."""
-        seqs, targets, us, ua = [], [], [], []
+        return self.scan(max_users).validation
+
+    def scan(self, max_users: int | None = None) -> "TrainStats":
+        """One pass over the training lines: validation samples and how often a next item repeats an earlier one."""
+        seqs, targets, us, ua, hists = [], [], [], [], []
+        repeats = total = 0
         n = len(self) if max_users is None else min(len(self), max_users)
         for i in range(n):
             u = self._parse(self.seq[i], register_unseen=False)
             cut = self._holdout(u["actions"])
+            train = u["slots"][:cut] if cut is not None else u["slots"]
+            seen: set[int] = set()
+            for prev, t in zip(train[:-1], train[1:]):
+                seen.add(prev)
+                repeats += t in seen
+            total += max(len(train) - 1, 0)
             if cut is None:
                 continue
             seqs.append(self._left_pad(u["slots"][:cut]))
             targets.append(u["slots"][cut])
+            hists.append(np.unique(np.asarray(u["slots"][:cut], np.int64)))
             us.append(u["user_sparse"])
             ua.append(u["user_array"])
-        return {"seq": torch.as_tensor(np.stack(seqs)) if seqs else torch.zeros(0, self.maxlen, dtype=torch.long),
-                "target": torch.as_tensor(targets, dtype=torch.long),
-                "user_sparse": torch.as_tensor(np.stack(us)) if us else torch.zeros(0, len(self.schema.user_sparse), dtype=torch.long),
-                "user_array": torch.as_tensor(np.stack(ua)) if ua else torch.zeros(0, len(self.schema.user_array), self.schema.array_len, dtype=torch.long)}
+        width = max((len(h) for h in hists), default=1)
+        history = np.zeros((len(hists), width), np.int64)
+        for r, h in enumerate(hists):
+            history[r, :len(h)] = h
+        s = self.schema
+        val = {"seq": torch.as_tensor(np.stack(seqs)) if seqs else torch.zeros(0, self.maxlen, dtype=torch.long),
+               "target": torch.as_tensor(targets, dtype=torch.long),
+               "history": torch.as_tensor(history),
+               "user_sparse": torch.as_tensor(np.stack(us)) if us else torch.zeros(0, len(s.user_sparse), dtype=torch.long),
+               "user_array": torch.as_tensor(np.stack(ua)) if ua else torch.zeros(0, len(s.user_array), s.array_len, dtype=torch.long)}
+        return TrainStats(val, repeats / total if total else 0.0)
+
+
+@dataclass
+class TrainStats:
+    """What one pass over the training lines yields (TrainDataset.scan)."""
+
+    validation: dict[str, torch.Tensor]  # seq, target, history (every earlier item, 0-padded), user features
+    repeat_rate: float  # share of the next items trained on that are already earlier in the same sequence
 
 
 class TestDataset(_Base):

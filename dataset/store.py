@@ -35,6 +35,7 @@ class FeatureSchema:
     sid_levels: int = 4
     sid_codebook: int = 256
     array_len: int = 8  # user array features are truncated/padded to this length
+    sid_prefix_rows: list[int] = field(default_factory=list)  # semantic-ID prefixes of the training items, per level
 
     @classmethod
     def from_indexer(cls, indexer: Mapping, mm_dims: Mapping[str, int] | None = None,

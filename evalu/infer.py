@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class InferConfig:
     model_dir: str | None = None  # MODEL_OUTPUT_PATH: a checkpoint folder, or a folder of them (newest wins)
     mm_emb_id: list[str] | None = None  # features for new semantic IDs (default: the checkpoint RQ-VAE's, else 81)
     allow_semantic_generation: bool = True  # ALLOW_SEMANTIC_GENERATION
-    filter_seen: bool = False  # drop items already in the user's history
+    filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
     retrieval: str = "torch"  # torch | faiss
     labels: str | None = None  # labels file for metrics (the demo world has one)
     query_batch_size: int = 512
@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow_semantic_generation", type=lambda s: s.lower() in ("1", "true", "yes", "on"),
                    help="true/false (env ALLOW_SEMANTIC_GENERATION, default true)")
     p.add_argument("--filter-seen", "--filter_seen", dest="filter_seen", action="store_true", default=None,
-                   help="never recommend items already in the user's history")
+                   help="never recommend items already in the user's history (default: what the checkpoint's "
+                        "validation chose, see train.py --filter_seen)")
+    p.add_argument("--no-filter-seen", "--no_filter_seen", dest="filter_seen", action="store_false",
+                   help="rank every candidate, history items included")
     p.add_argument("--retrieval", choices=("torch", "faiss"), help="exact top-10 backend (default torch)")
     p.add_argument("--labels", help="labels file ({user_id, creative_id, action_type} per line) for metrics")
     p.add_argument("--query_batch_size", type=int)
@@ -168,12 +171,16 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     t["semantic_ids"] = time.perf_counter()
 
     model.items.set_store(ds.store)
+    if cfg.filter_seen is None:
+        cfg = replace(cfg, filter_seen=bool(meta.get("train", {}).get("filter_seen", False)))
+    log.info("history filtering %s", "on" if cfg.filter_seen else "off")
     top10s, t["embed"] = _retrieve(model, ds, cfg, device)
     t["retrieve"] = time.perf_counter()
 
     report: dict[str, Any] = {"checkpoint": str(ckpt), "data_dir": str(cfg.data_dir), "result_dir": str(result_dir),
                               "users": len(ds),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
+                              "filter_seen": cfg.filter_seen,
                               "device": str(device)}
     labels_path = cfg.labels
     if labels_path and Path(labels_path).is_file():

@@ -17,6 +17,8 @@ from torch import nn
 
 from dataset.store import FeatureSchema, ItemStore
 
+from .sid_embedding import SemanticIdEmbedding
+
 
 @dataclass
 class ModelConfig:
@@ -27,10 +29,16 @@ class ModelConfig:
     maxlen: int = 100
     feat_dim: int = 16  # width of each sparse-feature embedding
     temperature: float = 0.05
-    num_negatives: int = 512  # random negatives per batch (plus up to as many in-batch positives)
+    # Negatives per step: this many uniform random items plus as many in-batch next items. A catalogue of at
+    # most this many items is scored in full instead (exact softmax, no sampling).
+    num_negatives: int = 2048
+    logq: bool = True  # sampled negatives: subtract log(expected count) from each logit (sampling-bias correction)
     id_dropout: float = 0.2  # share of items whose id embedding is hidden in training: teaches the tower cold start
-    # Levels of the semantic ID an item without an id embedding (cold, or id dropped in training) uses: fine levels
-    # identify single items like an id does and carry noise for items never trained on; coarse ones generalise.
+    sid_embedding: str = "prefix"  # "prefix": one table per prefix (c1..cl); "level": one per code cl
+    sid_table_size: int = 1 << 18  # prefix mode: at most this many rows a level (more prefixes are hashed)
+    sid_min_share: int = 1  # prefix mode: an item without id uses a prefix that at least this many other items share
+    # Level mode only: levels of the semantic ID an item without an id embedding uses (fine levels identify single
+    # items like an id does and are noise for items never trained on). Prefix mode decides per prefix instead.
     sid_levels_without_id: int = 2
     use_item_id: bool = True
     use_semantic_ids: bool = True
@@ -45,6 +53,15 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def expected_negatives(target: torch.Tensor, n: int, k_random: int, n_items: int, k_inbatch: int) -> torch.Tensor:
+    """Expected count of each of `n` items among the sampled negatives, given the batch: `k_random` uniform draws
+    over `n_items` plus `k_inbatch` drawn from the batch's next items `target` (indices < n). Subtracting its log
+    from the logits (logQ correction) makes the sampled softmax estimate the full one; without it the in-batch
+    half pushes popular items down, as they are negatives more often than the full softmax implies."""
+    freq = torch.bincount(target, minlength=n).float() * (k_inbatch / max(len(target), 1))
+    return k_random / n_items + freq
+
+
 class ItemTower(nn.Module):
     def __init__(self, schema: FeatureSchema, cfg: ModelConfig):
         super().__init__()
@@ -53,13 +70,15 @@ class ItemTower(nn.Module):
         self.id_emb = nn.Embedding(schema.num_items + 1, h, padding_idx=0) if cfg.use_item_id else None
         self.sparse = nn.ModuleList(nn.Embedding(v, fd, padding_idx=0) for v in schema.item_sparse.values())
         self.array = nn.ModuleList(nn.Embedding(v, fd, padding_idx=0) for v in schema.item_array.values())
-        self.sid = (nn.ModuleList(nn.Embedding(schema.sid_codebook + 1, h, padding_idx=0)
-                                  for _ in range(schema.sid_levels)) if cfg.use_semantic_ids else None)
+        self.sid = (SemanticIdEmbedding(schema.sid_levels, schema.sid_codebook, h, cfg.sid_embedding,
+                                        schema.sid_prefix_rows, cfg.sid_levels_without_id, cfg.sid_table_size,
+                                        cfg.sid_min_share)
+                    if cfg.use_semantic_ids else None)
         self.mm_proj = nn.ModuleDict({f: nn.Linear(d, h) for f, d in schema.mm.items() if f in cfg.mm_emb_id})
         width = (h if self.id_emb is not None else 0) + fd * (len(self.sparse) + len(self.array)) \
             + (h if self.sid is not None else 0) + h * len(self.mm_proj)
         self.out = nn.Sequential(nn.Linear(max(width, 1), h), nn.GELU(), nn.Linear(h, h))
-        for name in ("t_reid", "t_sparse", "t_array", "t_sid"):
+        for name in ("t_reid", "t_sparse", "t_array", "t_sid_rows", "t_sid_drop"):
             self.register_buffer(name, torch.zeros(1, dtype=torch.long), persistent=False)
         self.t_mm: dict[str, torch.Tensor] = {}
 
@@ -70,7 +89,9 @@ class ItemTower(nn.Module):
         self.t_reid = torch.as_tensor(store.reid(slots), device=dev)
         self.t_sparse = torch.as_tensor(store.sparse, device=dev)
         self.t_array = torch.as_tensor(store.array, device=dev)
-        self.t_sid = torch.as_tensor(store.sid, device=dev)
+        if self.sid is not None:
+            rows, drop = self.sid.index(store.sid, (slots > 0) & (slots <= self.schema.num_items))
+            self.t_sid_rows, self.t_sid_drop = torch.as_tensor(rows, device=dev), torch.as_tensor(drop, device=dev)
         self.t_mm = {f: torch.as_tensor(store.mm[f], device=dev) for f in self.mm_proj if f in store.mm}
 
     def forward(self, slots: torch.Tensor, drop_id: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,13 +108,9 @@ class ItemTower(nn.Module):
             parts += [emb(ar[..., i, :]).sum(-2) / (ar[..., i, :] > 0).sum(-1, keepdim=True).clamp_min(1)
                       for i, emb in enumerate(self.array)]
         if self.sid is not None:
-            codes = self.t_sid[slots]
-            k = self.cfg.sid_levels_without_id
-            if self.id_emb is not None and k < codes.shape[-1]:
-                fine = torch.zeros_like(codes, dtype=torch.bool)
-                fine[..., k:] = True
-                codes = codes.masked_fill(fine & (reid == 0)[..., None], 0)
-            parts.append(sum(emb(codes[..., i]) for i, emb in enumerate(self.sid)))
+            # Without any id embedding in the model, the semantic ID is every item's identity: nothing to hide.
+            no_id = reid == 0 if self.id_emb is not None else torch.zeros_like(reid, dtype=torch.bool)
+            parts.append(self.sid(self.t_sid_rows[slots], self.t_sid_drop[slots], no_id))
         for f, proj in self.mm_proj.items():
             if f in self.t_mm:
                 parts.append(proj(self.t_mm[f][slots]))
@@ -189,27 +206,38 @@ class Recommender(nn.Module):
         return self.sequence(seq, user_sparse, user_array)[:, -1]
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sampled softmax (InfoNCE) of each next item against random and in-batch negatives, cosine / temperature."""
+        """Softmax of each next item (cosine / temperature) over the whole catalogue when it has at most
+        `num_negatives` items, else over random plus in-batch negatives (InfoNCE), logQ-corrected."""
         seq, pos = batch["seq"], batch["pos"]
         dev = seq.device
         valid = pos > 0
-        n_items = self.schema.num_items
-        neg = torch.randint(1, n_items + 1, (self.cfg.num_negatives,), generator=generator).to(dev)
-        inb = pos[valid]
-        if len(inb) > self.cfg.num_negatives:
-            inb = inb[torch.randperm(len(inb), generator=generator)[: self.cfg.num_negatives].to(dev)]
+        n_items, k = self.schema.num_items, self.cfg.num_negatives
+        target = pos[valid]
+        full = n_items <= k
+        if full:
+            neg = torch.arange(1, n_items + 1, device=dev)
+        else:
+            inb = target
+            if len(inb) > k:
+                inb = inb[torch.randperm(len(inb), generator=generator)[:k].to(dev)]
+            neg = torch.cat([torch.randint(1, n_items + 1, (k,), generator=generator).to(dev), inb])
         # One tower pass over every distinct slot in the batch.
-        uniq, inv = torch.unique(torch.cat([seq.flatten(), pos[valid], neg, inb]), return_inverse=True)
+        uniq, inv = torch.unique(torch.cat([seq.flatten(), target, neg]), return_inverse=True)
         drop = (torch.rand(len(uniq), generator=generator).to(dev) < self.cfg.id_dropout) if self.training else None
         vec = self.items(uniq, drop)
-        n_seq, n_pos = seq.numel(), int(valid.sum())
+        n_seq, n_pos = seq.numel(), len(target)
         seq_vecs = vec[inv[:n_seq]].view(*seq.shape, -1)
         q = self.sequence(seq, batch["user_sparse"], batch["user_array"], seq_vecs)[valid]
         vnorm = F.normalize(vec, dim=-1)
-        p_idx = inv[n_seq:n_seq + n_pos]
-        n_idx = inv[n_seq + n_pos:]
-        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True)
-        neg_logit = q @ vnorm[n_idx].T
+        p_idx, n_idx = inv[n_seq:n_seq + n_pos], inv[n_seq + n_pos:]
+        if full:  # columns are items 1..n_items
+            return F.cross_entropy(q @ vnorm[n_idx].T / self.cfg.temperature, target - 1)
+        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature
+        neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature
+        if self.cfg.logq:
+            log_e = expected_negatives(p_idx, len(uniq), k, n_items, len(neg) - k).log()
+            pos_logit = pos_logit - log_e[p_idx, None]
+            neg_logit = neg_logit - log_e[n_idx][None, :]
         neg_logit = neg_logit.masked_fill(n_idx[None, :] == p_idx[:, None], float("-inf"))  # accidental hits
-        logits = torch.cat([pos_logit, neg_logit], 1) / self.cfg.temperature
+        logits = torch.cat([pos_logit, neg_logit], 1)
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev))

@@ -11,7 +11,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +20,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import TrainDataset
-from dataset.safeio import is_writable_dir
+from dataset.safeio import is_writable_dir, parse_bool
 from evalu.metrics import rank_metrics
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
+from rqvae.config import METHODS
 from rqvae.fit import resolve_device
 
 from .checkpoint import save_checkpoint
 from .recommender import ModelConfig, Recommender
+from .sid_embedding import PrefixVocab
 
 log = logging.getLogger(__name__)
+
+FILTER_RULES = ("auto", "true", "false")
 
 
 @dataclass
@@ -43,7 +47,20 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     sid_mm_emb_id: list[str] | None = None  # features the RQ-VAE merges when IDs must be made (default: mm_emb_id)
+    sid_method: str = "rqvae"  # how IDs are made when the data dir has none: rqvae | rqkmeans (RQVAEConfig.method)
+    # Validation rule, and what infer.py does by default: "true" ranks without the items of the user's history,
+    # "false" ranks every item, "auto" keeps the best epoch under each rule and then the rule that validates better.
+    filter_seen: str = "auto"
+    # Sequences longer than maxlen + 1 train on a window ending at a random position each epoch (false: always
+    # the last window, and the items before it are never a training target).
+    random_window: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.sid_method not in METHODS:
+            raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
+        if self.filter_seen not in FILTER_RULES:
+            raise ValueError(f"filter_seen must be one of {FILTER_RULES}, got {self.filter_seen!r}")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "TrainConfig":
@@ -59,35 +76,53 @@ class TrainConfig:
         for name in ("lr", "weight_decay"):
             p.add_argument(f"--{name}", type=float, default=None, help=f"default {getattr(d, name)}")
         p.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda")
+        p.add_argument("--filter_seen", choices=FILTER_RULES, default=None,
+                       help="validation rule and infer.py's default: rank without history items (true), all items "
+                            "(false), or whichever validates better (auto, the default)")
         p.add_argument("--sid_mm_emb_id", nargs="+", default=None, help="features for new semantic IDs (default: --mm_emb_id)")
+        p.add_argument("--random_window", type=_bool_arg, default=None,
+                       help=f"true/false, default {d.random_window}: long sequences train on a random window")
+        p.add_argument("--sid_method", choices=METHODS, default=None, help=f"how new semantic IDs are made, default {d.sid_method}")
         m = ModelConfig()
         for f in fields(ModelConfig):
             val = getattr(m, f.name)
             if isinstance(val, bool):
-                p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                               help=f"true/false, default {val}")
+                p.add_argument(f"--{f.name}", type=_bool_arg, default=None, help=f"true/false, default {val}")
             elif isinstance(val, list):
                 p.add_argument(f"--{f.name}", nargs="+", default=None, help=f"default {' '.join(val)}")
             else:
                 p.add_argument(f"--{f.name}", type=type(val), default=None, help=f"default {val}")
 
 
+def _bool_arg(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 @torch.no_grad()
-def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.device, batch: int = 512) -> dict:
-    """Full ranking of each held-out click among all training items (HR@10, NDCG@10, score)."""
+def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.device, batch: int = 512
+             ) -> dict[str, dict]:
+    """Full ranking of each held-out click among all training items (HR@10, NDCG@10, score), under both rules:
+    "unfiltered" (every item) and "filtered" (items of the user's history removed, the target kept)."""
     model.eval()
     n_items = model.schema.num_items
     items = torch.cat([model.item_vectors(torch.arange(lo, min(lo + 65536, n_items + 1), device=device))
-                       for lo in range(1, n_items + 1, 65536)])  # row r = slot r + 1
-    ranks = []
+                       for lo in range(0, n_items + 1, 65536)])  # row r = slot r (row 0: padding)
+    ranks: dict[str, list] = {"unfiltered": [], "filtered": []}
     for lo in range(0, len(val["target"]), batch):
         q = model.query(*(val[k][lo:lo + batch].to(device) for k in ("seq", "user_sparse", "user_array")))
         s = q @ items.T
-        t = val["target"][lo:lo + batch].to(device)
-        ts = s.gather(1, (t - 1)[:, None])
-        ranks.append(((s > ts).sum(1) + 1).cpu())
+        s[:, 0] = float("-inf")
+        t = val["target"][lo:lo + batch].to(device)[:, None]
+        ts = s.gather(1, t)
+        ranks["unfiltered"].append(((s > ts).sum(1) + 1).cpu())
+        s.scatter_(1, val["history"][lo:lo + batch].to(device), float("-inf"))  # padding 0 is already -inf
+        s.scatter_(1, t, ts)
+        ranks["filtered"].append(((s > ts).sum(1) + 1).cpu())
     model.train()
-    return rank_metrics(torch.cat(ranks).numpy() if ranks else np.zeros(0))
+    return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
 
 
 def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
@@ -102,9 +137,9 @@ def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
         log.warning("no RQ-VAE beside %s: inference cannot encode new items with the same codebooks",
                     ds.semantic_id_path)
         return None, None
-    out = ds.data_dir if is_writable_dir(ds.data_dir) else Path(cfg.output_dir)
+    out = Path(cfg.output_dir)  # never the data dir: every run (every seed) makes its own IDs
     log.info("no semantic_id found, training an RQ-VAE on features %s", feats)
-    rq_cfg = RQVAEConfig(device=str(device), seed=cfg.seed)
+    rq_cfg = RQVAEConfig(device=str(device), seed=cfg.seed, method=cfg.sid_method)
     sids, rq, _ = generate_semantic_ids(ds.data_dir, feats, rq_cfg, output_dir=out)
     if not sids:
         log.warning("training without semantic IDs: none could be generated")
@@ -135,18 +170,30 @@ def train(cfg: TrainConfig) -> Path:
     if not is_writable_dir(out):
         raise PermissionError(f"output dir {out} is not writable")
     mc = cfg.model
-    ds = TrainDataset(cfg.data_dir, mm_emb_ids=mc.mm_emb_id, maxlen=mc.maxlen, sid_dirs=[out])
+    ds = TrainDataset(cfg.data_dir, mm_emb_ids=mc.mm_emb_id, maxlen=mc.maxlen, random_window=cfg.random_window)
     rq, rq_feats = _semantic_ids(ds, cfg, device) if mc.use_semantic_ids else (None, None)
     log.info("training on %d users, %d items, semantic-ID coverage %.1f%%", len(ds), ds.schema.num_items,
              100 * ds.semantic_id_coverage)
-    model = Recommender(ds.schema, mc).to(device)
+    schema, vocab = ds.schema, None
+    if mc.use_semantic_ids and mc.sid_embedding == "prefix":
+        vocab = PrefixVocab.build(ds.store.sid[1:schema.num_items + 1], schema.sid_codebook, mc.sid_table_size)
+        schema = replace(schema, sid_prefix_rows=vocab.rows)
+        log.info("semantic-ID prefixes of the training items per level: %s", vocab.rows)
+    model = Recommender(schema, mc).to(device)
+    if vocab is not None:
+        model.items.sid.set_vocab(vocab)
     model.items.set_store(ds.store)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, generator=gen,
                         drop_last=len(ds) > cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    val = ds.validation_samples()
-    best, best_state, history = -1.0, None, []
+    stats = ds.scan()
+    val = stats.validation
+    log.info("%.1f%% of the next items trained on repeat an item earlier in the sequence", 100 * stats.repeat_rate)
+    rules = ("unfiltered", "filtered") if cfg.filter_seen == "auto" else \
+        (("filtered",) if cfg.filter_seen == "true" else ("unfiltered",))
+    best = {r: (-1.0, None, {}) for r in rules}  # rule -> (score, state, metrics)
+    history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         tot, steps = 0.0, 0
@@ -161,15 +208,23 @@ def train(cfg: TrainConfig) -> Path:
             steps += 1
         m = evaluate(model, val, device)
         history.append({"epoch": epoch, "loss": tot / max(steps, 1), **m})
-        log.info("epoch %d/%d: loss %.4f, val HR@10 %.4f, NDCG@10 %.4f (%d users)", epoch, cfg.epochs,
-                 tot / max(steps, 1), m["hr@10"], m["ndcg@10"], m["users"])
-        if m["score"] > best:
-            best, best_state = m["score"], copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best,
-            "seconds": round(time.perf_counter() - t0, 2),
+        log.info("epoch %d/%d: loss %.4f, val HR@10 / NDCG@10 %.4f / %.4f, history filtered %.4f / %.4f (%d users)",
+                 epoch, cfg.epochs, tot / max(steps, 1), m["unfiltered"]["hr@10"], m["unfiltered"]["ndcg@10"],
+                 m["filtered"]["hr@10"], m["filtered"]["ndcg@10"], m["unfiltered"]["users"])
+        for r in rules:
+            if m[r]["score"] > best[r][0]:
+                best[r] = (m[r]["score"], copy.deepcopy(model.state_dict()), {"epoch": epoch, **m[r]})
+    rule = max(rules, key=lambda r: best[r][0])
+    if best[rule][1] is not None:
+        model.load_state_dict(best[rule][1])
+    filter_seen = rule == "filtered"
+    if cfg.filter_seen == "auto":
+        log.info("history filtering %s: best validation score %.4f filtered vs %.4f unfiltered",
+                 "on" if filter_seen else "off", best["filtered"][0], best["unfiltered"][0])
+    info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
+            "filter_seen": filter_seen, "validation": {r: b[2] for r, b in best.items()},
+            "repeat_rate": stats.repeat_rate, "seconds": round(time.perf_counter() - t0, 2),
             "config": {k: v for k, v in asdict(cfg).items() if k != "model"}}
     save_checkpoint(out, model, info, rq, rq_feats, ds.semantic_id_dict if mc.use_semantic_ids else None)
-    log.info("saved checkpoint to %s (best val score %.4f)", out, best)
+    log.info("saved checkpoint to %s (best val score %.4f)", out, best[rule][0])
     return out

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 METHODS = ("rqvae", "rqkmeans")
+KMEANS_INITS = ("kmeans++", "random")
 
 
 @dataclass
@@ -24,11 +25,18 @@ class RQVAEConfig:
     latent_dim: int = 32
     kmeans_iters: int = 15
     kmeans_sample: int = 16384  # points per k-means fit (codebook init and rqkmeans): 64 per code
+    kmeans_init: str = "kmeans++"  # or "random"
+    pca_dim: int = 64  # rqkmeans: project the standardised input onto this many principal components (0: none)
+    balanced: bool = False  # rqkmeans: balanced assignment (every code gets about the same number of items)
     encode_batch_size: int = 65536
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.kmeans_init not in KMEANS_INITS:
+            raise ValueError(f"kmeans_init must be one of {KMEANS_INITS}, got {self.kmeans_init!r}")
+        if self.pca_dim < 0:
+            raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
         for name in ("num_quantizers", "codebook_size", "num_epochs", "batch_size", "latent_dim", "encode_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -61,6 +69,8 @@ class RQVAEConfig:
                 p.add_argument(f"--{f.name}", action="store_true", default=None, help="off by default")
             elif f.name == "method":
                 p.add_argument("--method", choices=METHODS, default=None, help=f"default {default}")
+            elif f.name == "kmeans_init":
+                p.add_argument("--kmeans_init", choices=KMEANS_INITS, default=None, help=f"default {default}")
             else:
                 typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
                 p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {default}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RQVAEConfig
-from .model import RQVAE
+from .model import PCA, RQVAE
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
     t["normalise"] = time.perf_counter()
     sample = _sample(n, cfg.kmeans_sample, gen).to(device)
     with torch.no_grad():
-        model.quantizer.init_from_data(model.encoder(x_std[sample]), cfg.kmeans_iters, gen, batch)
+        if isinstance(model.encoder, PCA):
+            model.encoder.fit(x_std[sample])
+        model.quantizer.init_from_data(model.encoder(x_std[sample]), cfg.kmeans_iters, gen, batch, cfg.kmeans_init,
+                                       cfg.balanced and cfg.method == "rqkmeans")
     t["kmeans_init"] = time.perf_counter()
     report: dict[str, Any] = {"method": cfg.method, "device": str(device), "batch_size": batch, "epochs": 0}
     if cfg.method == "rqvae" and cfg.num_epochs > 0:

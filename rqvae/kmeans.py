@@ -1,34 +1,101 @@
-"""Chunked Lloyd k-means on torch tensors: distances by matmul, empty clusters re-seeded from far points."""
+"""Chunked Lloyd k-means on torch tensors: distances by matmul, k-means++ or random init, empty clusters re-seeded
+from far points, and an optional balanced assignment.
+
+Balanced assignment gives each centroid a bias b_j and assigns x to argmin_j ||x - c_j||^2 - b_j. The biases are
+the dual variables of the optimal transport of the points onto the centroids with equal mass each (Sinkhorn
+iterations), so every cluster gets about n / k points. The biases are kept with the codebook: new items are
+assigned by the same rule, and the codes stay balanced on them too.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
 _CHUNK = 32768
+INITS = ("kmeans++", "random")
 
 
-def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest row of `c` for each row of `x`, and the squared distance to it."""
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = _CHUNK, bias: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest row of `c` for each row of `x` (argmin of distance - `bias`, when given), and the
+    squared distance to it."""
     c_sq = (c * c).sum(1)
+    if bias is not None:
+        c_sq = c_sq - bias
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for lo in range(0, x.shape[0], chunk):
         xb = x[lo:lo + chunk]
         d = torch.addmm(c_sq, xb, c.T, alpha=-2.0)  # ||x||^2 is constant per row: argmin without it
         m, i = d.min(1)
+        if bias is not None:
+            m = m + bias[i]
         idx[lo:lo + chunk] = i
         dist[lo:lo + chunk] = (m + (xb * xb).sum(1)).clamp_min_(0)
     return idx, dist
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
-    """k centroids of `x` [n, d]. With n <= k every point becomes a centroid and the rest repeat them."""
+def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.addmm((c * c).sum(1), x, c.T, alpha=-2.0).add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling): each new centroid is a point drawn with probability proportional to its
+    squared distance to the nearest centroid so far. Spreads the centroids over the data, where a random pick
+    puts several into one dense region and leaves sparse ones without any."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    idx = [first]
+    d = _sq_dist(x, x[first:first + 1]).squeeze(1)
+    for _ in range(1, k):
+        total = float(d.sum())
+        if total <= 0:  # every point already sits on a centroid: take any other point
+            nxt = int(torch.randint(n, (1,), generator=generator))
+        else:
+            nxt = int(torch.multinomial((d / total).cpu().double(), 1, generator=generator))
+        idx.append(nxt)
+        d = torch.minimum(d, _sq_dist(x, x[nxt:nxt + 1]).squeeze(1))
+    return x[torch.as_tensor(idx, device=x.device)].clone()
+
+
+def balanced_bias(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None, iters: int = 50,
+                  temperature: float = 0.05) -> torch.Tensor:
+    """Per-centroid bias that makes argmin(distance - bias) put about n / k points in every cluster: the column
+    potentials of an entropic optimal transport with uniform marginals (log-domain Sinkhorn), warm-started from
+    `bias`. `temperature` is relative to the median gap between a point's distance to a centroid and to its
+    nearest one (the median: outliers' gaps are huge and would make the transport too soft to balance)."""
+    n, k = x.shape[0], c.shape[0]
+    d = _sq_dist(x, c)
+    d = d - d.min(1, keepdim=True).values
+    eps = max(float(d.median()) * temperature, 1e-12)
+    logits = -d / eps
+    g = torch.zeros(k, dtype=x.dtype, device=x.device) if bias is None else bias / eps
+    target = math.log(n / k)
+    for _ in range(iters):
+        rows = torch.logsumexp(logits + g, dim=1, keepdim=True)
+        g = g - (torch.logsumexp(logits + g - rows, dim=0) - target)
+    return (g - g.mean()) * eps
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None,
+           init: str = "kmeans++", balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(k centroids of `x` [n, d], per-centroid bias or None). With n <= k every point becomes a centroid and
+    the rest repeat them."""
+    if init not in INITS:
+        raise ValueError(f"k-means init must be one of {INITS}, got {init!r}")
     n = x.shape[0]
     if n <= k:
-        return x[torch.arange(k, device=x.device) % n].clone()
-    perm = torch.randperm(n, generator=generator, device="cpu").to(x.device)
-    c = x[perm[:k]].clone()
+        return x[torch.arange(k, device=x.device) % n].clone(), None
+    if init == "kmeans++":
+        c = kmeans_pp(x, k, generator)
+    else:
+        c = x[torch.randperm(n, generator=generator, device="cpu").to(x.device)[:k]].clone()
+    bias = None
     for _ in range(iters):
-        idx, dist = nearest(x, c)
+        if balanced:  # a few Sinkhorn steps per Lloyd step, warm-started: the biases follow the centroids
+            bias = balanced_bias(x, c, bias, iters=10)
+        idx, dist = nearest(x, c, bias=bias)
         counts = torch.bincount(idx, minlength=k).to(x.dtype)
         sums = torch.zeros_like(c).index_add_(0, idx, x)
         empty = counts == 0
@@ -36,4 +103,6 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
         if empty.any():  # move empty clusters onto the worst-served points
             far = dist.topk(int(empty.sum())).indices
             c[empty] = x[far]
-    return c
+    if balanced:
+        bias = balanced_bias(x, c, bias)
+    return c, bias

@@ -14,6 +14,39 @@ from .config import RQVAEConfig
 from .quantizer import ResidualQuantizer
 
 
+class PCA(nn.Module):
+    """A fixed linear projection onto the top principal components (rqkmeans --pca_dim): residual k-means in a
+    few dozen dimensions that carry the variance, where nearest-centroid assignment still discriminates (in
+    1024+ dimensions of near-isotropic residual every centroid is about equally far)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.register_buffer("components", torch.zeros(out_dim, in_dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Components from a centred sample `x` [n, in_dim] (randomised SVD, seeded by torch's generator)."""
+        k = self.components.shape[0]
+        _, _, v = torch.svd_lowrank(x.float(), q=min(k + 10, *x.shape), niter=4)
+        self.components.zero_()
+        self.components[:v.shape[1]] = v[:, :k].T.to(self.components)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.components.T
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.components
+
+
+class _Inverse(nn.Module):
+    def __init__(self, pca: PCA):
+        super().__init__()
+        self._pca = [pca]  # not a submodule: its buffer belongs to the encoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self._pca[0].inverse(z)
+
+
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -24,8 +57,8 @@ def _mlp(dims: list[int]) -> nn.Sequential:
 
 
 class RQVAE(nn.Module):
-    """x -> standardise -> encoder -> residual quantizer -> decoder. With method 'rqkmeans' the encoder and
-    decoder are identities and the quantizer works on the standardised input itself."""
+    """x -> standardise -> encoder -> residual quantizer -> decoder. With method 'rqkmeans' there is no network:
+    the encoder is a PCA projection (or the identity, with pca_dim 0) and the decoder its transpose."""
 
     def __init__(self, in_dim: int, cfg: RQVAEConfig):
         super().__init__()
@@ -33,7 +66,11 @@ class RQVAE(nn.Module):
         # Per-dimension mean and one global scale: keeps the embedding's geometry, makes its RMS 1.
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(()))
-        if cfg.method == "rqkmeans":
+        if cfg.method == "rqkmeans" and 0 < cfg.pca_dim < in_dim:
+            self.encoder = PCA(in_dim, cfg.pca_dim)
+            self.decoder = _Inverse(self.encoder)
+            latent = cfg.pca_dim
+        elif cfg.method == "rqkmeans":
             self.encoder, self.decoder = nn.Identity(), nn.Identity()
             latent = in_dim
         else:
@@ -71,5 +108,6 @@ class RQVAE(nn.Module):
         meta = json.loads((d / cls.CONFIG_FILE).read_text())
         model = cls(int(meta["in_dim"]), RQVAEConfig.from_dict(meta["config"]))
         state = torch.load(d / cls.MODEL_FILE, map_location="cpu", weights_only=True)
+        state.setdefault("quantizer.bias", model.quantizer.bias)  # written before balanced assignment existed
         model.load_state_dict(state)
         return model.to(device).eval()

@@ -22,6 +22,8 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("codebooks", torch.zeros(num_levels, codebook_size, dim))
         self.register_buffer("ema_count", torch.ones(num_levels, codebook_size))
         self.register_buffer("ema_sum", torch.zeros(num_levels, codebook_size, dim))
+        # Balanced assignment (rqkmeans --balanced): code j of level l wins where distance - bias[l, j] is least.
+        self.register_buffer("bias", torch.zeros(num_levels, codebook_size))
 
     @property
     def num_levels(self) -> int:
@@ -39,15 +41,18 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None,
-                       batch_size: int = 1024) -> None:
+                       batch_size: int = 1024, init: str = "kmeans++", balanced: bool = False) -> None:
         """k-means on the residuals of each level, in order."""
         if z.shape[0] < self.codebook_size:
             log.info("only %d points for %d codes per level: codebooks repeat points", z.shape[0], self.codebook_size)
         r = z.float().clone()
+        self.bias.zero_()
         for lvl in range(self.num_levels):
-            c = kmeans(r, self.codebook_size, iters, generator)
+            c, bias = kmeans(r, self.codebook_size, iters, generator, init, balanced)
             self._set_code(lvl, slice(None), c, batch_size / self.codebook_size)
-            idx, _ = nearest(r, c)
+            if bias is not None:
+                self.bias[lvl] = bias
+            idx, _ = nearest(r, c, bias=self.bias[lvl])
             r -= c[idx]
 
     @torch.no_grad()
@@ -107,7 +112,7 @@ class ResidualQuantizer(nn.Module):
         for lvl in range(self.num_levels):
             if lvl == self.num_levels - 1:
                 last_r = r.clone()
-            idx, _ = nearest(r, self.codebooks[lvl])
+            idx, _ = nearest(r, self.codebooks[lvl], bias=self.bias[lvl])
             r -= self.codebooks[lvl][idx]
             codes.append(idx)
         return torch.stack(codes, 1), last_r

@@ -202,6 +202,19 @@ def test_filter_seen_drops_history_items(world, checkpoint, tmp_path):
         assert not set(t) & set(ds.store.creative[h].tolist())
 
 
+def test_history_filtering_defaults_to_the_checkpoints_choice_and_both_flags_override(world, checkpoint, tmp_path):
+    _, ev = world
+    meta = json.loads((checkpoint / "config.json").read_text())
+    chosen = meta["train"]["filter_seen"]
+    assert parse_args(["--filter-seen"]).filter_seen is True and parse_args(["--no-filter-seen"]).filter_seen is False
+    assert parse_args(["--no_filter_seen"]).filter_seen is False and parse_args([]).filter_seen is None
+    _, _, rep = run(_cfg(ev, checkpoint, tmp_path))
+    assert rep["filter_seen"] is chosen
+    for flag in (True, False):
+        _, _, rep = run(_cfg(ev, checkpoint, tmp_path, filter_seen=flag))
+        assert rep["filter_seen"] is flag
+
+
 def test_chunked_retrieval_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     q, items = torch.randn(37, 8, generator=g), torch.randn(1000, 8, generator=g)

@@ -14,7 +14,7 @@ from dataset import load_semantic_ids, save_semantic_ids
 from dataset.mm_emb import MMEmbedding
 from rqvae import RQVAE, RQVAEConfig, encode, fit, generate_semantic_ids_on_demand, merge_features
 from rqvae.dedup import dedup_codes
-from rqvae.stats import collision_stats
+from rqvae.stats import collision_stats, level_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(num_epochs=3, codebook_size=32, hidden_dims=(32,), latent_dim=8, kmeans_iters=8)
@@ -198,3 +198,68 @@ def test_train_rqvae_cli_writes_everything_and_logs_the_sequence(world):
     rep = json.loads((out / "semantic_id_report.json").read_text())
     assert {"items", "coverage", "collision_rate", "largest_group", "levels", "seconds"} <= set(rep)
     assert rep["fit"]["recon_mse"] >= 0 and "host_peak_rss_mb" in rep["memory"]
+
+
+def _many_clusters(n: int, d: int, k: int = 200, seed: int = 0) -> np.ndarray:
+    """Uneven clusters plus isotropic noise in many dimensions: after the first level the residual is mostly
+    noise, where plain residual k-means degenerates (one centroid ends up nearest to almost everything)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((k, d)).astype(np.float32)
+    sizes = rng.pareto(1.5, k) + 1
+    return c[rng.choice(k, n, p=sizes / sizes.sum())] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("extra", [{}, {"balanced": True}])
+def test_rqkmeans_does_not_collapse_in_high_dimensions(extra):
+    x = _many_clusters(4000, 512)
+    model, _ = fit(x, RQVAEConfig(method="rqkmeans", codebook_size=32, kmeans_iters=8, pca_dim=16, **extra))
+    assert model.quantizer.codebooks.shape[-1] == 16  # k-means runs in the projected space
+    perplexity = [lv["perplexity"] for lv in level_stats(encode(model, x), 32)]
+    assert min(perplexity) >= 0.6 * 32, perplexity
+
+
+def test_balanced_assignment_balances_codes_on_new_items_too():
+    """Heavy-tailed data: plain k-means spends its codes on the far outliers and puts nearly everything else in
+    one code; balanced assignment spreads the items, on new ones too (the biases are kept with the codebook)."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((6000, 8))
+    x = (g / np.linalg.norm(g, axis=1, keepdims=True) * (rng.pareto(1.0, (6000, 1)) + 0.1)).astype(np.float32)
+    perplexity = {}
+    for balanced in (True, False):
+        model, _ = fit(x[:4000], RQVAEConfig(method="rqkmeans", codebook_size=32, kmeans_iters=8, balanced=balanced))
+        perplexity[balanced] = [min(lv["perplexity"] for lv in level_stats(encode(model, part), 32))
+                                for part in (x[:4000], x[4000:])]  # fitted items, then new ones
+    assert min(perplexity[True]) >= 0.5 * 32 and max(perplexity[False]) < 0.2 * 32, perplexity
+
+
+def test_kmeans_plus_plus_seeds_every_cluster():
+    from rqvae.kmeans import kmeans
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((16, 8)) * 50
+    sizes = np.r_[5000, np.full(15, 20)]  # one huge cluster, fifteen small far ones
+    x = torch.as_tensor(np.concatenate([c + rng.standard_normal((s, 8)) for c, s in zip(centres, sizes)]),
+                        dtype=torch.float32)
+    found = {}
+    for init in ("kmeans++", "random"):
+        c, _ = kmeans(x, 16, iters=0, generator=torch.Generator().manual_seed(0), init=init)
+        found[init] = len(np.unique(((c[:, None, :].numpy() - centres[None]) ** 2).sum(-1).argmin(1)))
+    assert found["kmeans++"] >= 14 and found["random"] <= 8, found
+
+
+@pytest.mark.parametrize("extra", [{}, {"balanced": True}, {"pca_dim": 0}])
+def test_rqkmeans_save_load_roundtrip(tmp_path, extra):
+    x = _many_clusters(2000, 48)
+    model, _ = fit(x, RQVAEConfig(**{"method": "rqkmeans", "codebook_size": 32, "kmeans_iters": 5, "pca_dim": 8, **extra}))
+    model.save(tmp_path)
+    np.testing.assert_array_equal(encode(RQVAE.load(tmp_path), x), encode(model, x))
+
+
+def test_an_rqvae_saved_before_balanced_assignment_still_loads(tmp_path):
+    x = clustered(500, 8)
+    model, _ = fit(x, RQVAEConfig(**FAST))
+    model.save(tmp_path)
+    state = torch.load(tmp_path / "rqvae_model.pt", weights_only=True)
+    del state["quantizer.bias"]
+    torch.save(state, tmp_path / "rqvae_model.pt")
+    np.testing.assert_array_equal(encode(RQVAE.load(tmp_path), x), encode(model, x))

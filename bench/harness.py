@@ -1,0 +1,75 @@
+"""What the quality benchmarks share: train our model on a fresh copy of a split, infer under chosen rules,
+summarise seeds as mean ± std."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from evalu.infer import InferConfig, run
+from model.recommender import ModelConfig
+from model.trainer import TrainConfig, train
+
+# Files a run writes into a data dir; a fresh copy leaves them out so every seed makes its own.
+GENERATED = (".genrec_cache", "semantic_id_dict.json", "semantic_id_report.json", "rqvae_model.pt",
+             "rqvae_config.json", ".semantic_id_dict.json.lock")
+
+
+def fresh_copy(split: str | Path, dst: str | Path) -> Path:
+    """`split` copied to `dst` without generated files (semantic IDs, RQ-VAE, embedding cache)."""
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(split, dst, ignore=shutil.ignore_patterns(*GENERATED))
+    return dst
+
+
+def train_and_infer(train_dir: Path, eval_dir: Path, work: Path, seed: int, rules: Iterable[str],
+                    model: dict[str, Any] | None = None, device: str = "cpu", **train_kw: Any) -> dict:
+    """Train one model (validation rule = `train_kw["filter_seen"]`, default auto) and infer on `eval_dir` under
+    each of `rules`: "filtered", "unfiltered" or "chosen" (what the checkpoint's validation chose).
+    Returns {"seconds": train + infer, "chosen": bool, rule: infer_report metrics}."""
+    for old in [work / "ckpt", *work.glob("res_*")]:  # a previous run's IDs there would be served (results dir)
+        shutil.rmtree(old, ignore_errors=True)
+    t0 = time.perf_counter()
+    ck = train(TrainConfig(data_dir=str(train_dir), output_dir=str(work / "ckpt"), seed=seed, device=device,
+                           model=ModelConfig(**(model or {})), **train_kw))
+    out: dict[str, Any] = {}
+    for rule in rules:
+        fs = {"filtered": True, "unfiltered": False, "chosen": None}[rule]
+        _, _, rep = run(InferConfig(data_dir=str(eval_dir), model_dir=str(ck), result_dir=str(work / f"res_{rule}"),
+                                    labels=str(eval_dir / "labels.jsonl"), filter_seen=fs, device=device))
+        out[rule] = rep["metrics"]
+        out["chosen"] = rep["filter_seen"] if fs is None else out.get("chosen")
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def mean_std(values: Iterable[float], digits: int = 4) -> str:
+    v = np.asarray(list(values), np.float64)
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) else "-"
+
+
+def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2) -> tuple[Path, Path]:
+    """The demo world of `seed` (SynthConfig defaults otherwise): (train dir, eval dir), made once under `root`."""
+    from dataset.synth import SynthConfig, generate
+
+    w = root / f"demo{seed}"
+    if not (w / "eval" / "labels.jsonl").is_file():
+        generate(w / "train", SynthConfig(seed=seed, test_users=test_users, cold_frac=cold_frac), eval_out=w / "eval")
+    return w / "train", w / "eval"
+
+
+def ml100k_cold(root: Path, seed: int, cold_frac: float = 0.1, data_root: str | None = None) -> Path:
+    """The MovieLens-100k cold-start split of `seed` (converted once under `root`, or found in `data_root`)."""
+    if data_root:
+        return Path(data_root) / f"cold{seed}"
+    from dataset.convert_ml100k import convert
+
+    d = root / f"cold{seed}"
+    if not (d / "labels.jsonl").is_file():
+        convert(d, cold_frac=cold_frac, seed=seed)
+    return d
