@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
                 ev = tr if eval_src == train_src else fresh_copy(eval_src, work / "run" / "eval")
                 r = train_and_infer(tr, ev, work / "run", seed, ["chosen"], model, **{**kw, **train_kw})
                 m = r["chosen"]
-                res.setdefault(name, []).append({**m, "filtered": r["chosen"], "seconds": r["seconds"]})
+                res.setdefault(name, []).append({**m, "filtered": r["chosen_rule"], "seconds": r["seconds"]})
                 print(f"seed {seed} {name:44s} overall HR@10 {m['overall']['hr@10']:.4f} cold {m['cold_start']['hr@10']:.4f}"
-                      f" warm {m['warm']['hr@10']:.4f} (filtered: {r['chosen']}, {r['seconds']:.0f} s)", flush=True)
+                      f" warm {m['warm']['hr@10']:.4f} (filtered: {r['chosen_rule']}, {r['seconds']:.0f} s)", flush=True)
         print(f"\n# {a.world}: seeds {a.seeds}, {kw}; tested under the rule validation chose; mean ± std over seeds")
         print("| variant | overall HR@10 | overall NDCG@10 | overall score | cold-start HR@10 | cold-start NDCG@10 | "
               "warm HR@10 | warm NDCG@10 | filtered | seconds |")

@@ -31,7 +31,8 @@ def train_and_infer(train_dir: Path, eval_dir: Path, work: Path, seed: int, rule
                     model: dict[str, Any] | None = None, device: str = "cpu", **train_kw: Any) -> dict:
     """Train one model (validation rule = `train_kw["filter_seen"]`, default auto) and infer on `eval_dir` under
     each of `rules`: "filtered", "unfiltered" or "chosen" (what the checkpoint's validation chose).
-    Returns {"seconds": train + infer, "chosen": bool, rule: infer_report metrics}."""
+    Returns {rule: infer_report metrics, "chosen_rule": whether validation chose filtering, "boot": the first
+    inference's semantic-ID stage (seconds, status), "seconds": train + infer}."""
     for old in [work / "ckpt", *work.glob("res_*")]:  # a previous run's IDs there would be served (results dir)
         shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()
@@ -43,7 +44,9 @@ def train_and_infer(train_dir: Path, eval_dir: Path, work: Path, seed: int, rule
         _, _, rep = run(InferConfig(data_dir=str(eval_dir), model_dir=str(ck), result_dir=str(work / f"res_{rule}"),
                                     labels=str(eval_dir / "labels.jsonl"), filter_seen=fs, device=device))
         out[rule] = rep["metrics"]
-        out["chosen"] = rep["filter_seen"] if fs is None else out.get("chosen")
+        out.setdefault("boot", {"seconds": rep["seconds"]["semantic_ids"], "status": rep["semantic_id"]["status"]})
+        if fs is None:
+            out["chosen_rule"] = rep["filter_seen"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

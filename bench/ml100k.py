@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-users", type=int, default=None, help="first users only (smoke tests)")
     p.add_argument("--keep", help="keep the work dir here")
     p.add_argument("--out", help="write every figure as JSON here")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="print the tables of earlier runs' --out files together (e.g. one seed per process) and stop")
     a = p.parse_args(argv)
+    if a.merge:
+        return _merge(a)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(a.threads)
@@ -131,16 +135,32 @@ def main(argv: list[str] | None = None) -> dict:
             r = train_and_infer(d, d, work / "run", seed, ["chosen", "filtered", "unfiltered"], model, **train_kw)
             for rule in RULES:
                 ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"], "seconds": r["seconds"]})
-            ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen"]})
+            ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen_rule"]})
             print(f"seed {seed} {name:22s} warm HR@10 " + " / ".join(
                 f"{ours[('warm', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES) + ", cold-start HR@10 "
                 + " / ".join(f"{ours[('cold-start', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES),
                 flush=True)
     report = _tables(a, peer_runs, ours)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["seeds"] = a.seeds
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def _merge(a: argparse.Namespace) -> dict:
+    """Tables over several --out files: their seeds, peer runs and runs of ours, concatenated in the given order."""
+    peer_runs: list[dict] = []
+    ours: dict[tuple, list[dict]] = {}
+    seeds: list[int] = []
+    for path in a.merge:
+        rep = json.loads(Path(path).read_text())
+        seeds += rep.get("seeds", [])
+        peer_runs += rep["peers"]
+        for k, v in rep["ours"].items():
+            ours.setdefault(tuple(k.split(" | ")), []).extend(v)
+    a.seeds = seeds or a.seeds
+    return _tables(a, peer_runs, ours)
 
 
 def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list[dict]]) -> dict:

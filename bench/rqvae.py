@@ -3,7 +3,9 @@
 Methods
   ours            RQVAEConfig() defaults (k-means init, EMA codebooks, dead-code reseeding)
   ours+dedup      the same with --dedup
-  ours rqkmeans   residual k-means, no network
+  ours rqkmeans   residual k-means, no network (PCA to --pca_dim, k-means++ init)
+  rqkmeans balanced       the same with balanced assignment (--balanced)
+  rqkmeans first version  no PCA, random init, unbalanced (what rqkmeans was before PCA and k-means++)
   public recipe   re-implementation of the public code: random-normal codebooks, encoder [d/2] -> latent d/4
                   (ReLU), decoder mirrored, codebook + 0.25 commitment loss, Adam 1e-3, batch 1024 via a
                   DataLoader, 20 epochs, 4 x 256, raw (unstandardised) input
@@ -114,11 +116,16 @@ def faiss_rq(x: np.ndarray) -> np.ndarray:
     return rq.compute_codes(x).astype(np.int64)  # 8-bit codes: one byte per level
 
 
+# our methods: RQVAEConfig overrides
+OURS = {"ours": {}, "ours+dedup": {"dedup": True}, "ours rqkmeans": {"method": "rqkmeans"},
+        "rqkmeans balanced": {"method": "rqkmeans", "balanced": True},
+        "rqkmeans first version": {"method": "rqkmeans", "pca_dim": 0, "kmeans_init": "random"}}
+
+
 def run_method(name: str, x: np.ndarray, device: str) -> tuple[float, np.ndarray]:
     t = time.perf_counter()
-    if name in ("ours", "ours+dedup", "ours rqkmeans"):
-        cfg = RQVAEConfig(device=device, method="rqkmeans" if name == "ours rqkmeans" else "rqvae",
-                          dedup=name == "ours+dedup")
+    if name in OURS:
+        cfg = RQVAEConfig(device=device, **OURS[name])
         model, _ = fit(x, cfg)
         if cfg.dedup:
             codes, resid = encode(model, x, return_residual=True)

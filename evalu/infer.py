@@ -130,14 +130,15 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
                                      torch.as_tensor(ds.user_array[lo:lo + cfg.query_batch_size], device=device))
                          for lo in range(0, len(ds), cfg.query_batch_size)]) if len(ds) else cand[:0]
     t_embed = time.perf_counter()
-    exclude = None
-    if cfg.filter_seen:
+    # History items: removed (--filter-seen), or scored with the model's learnt offset for them.
+    exclude, offset = None, float("-inf") if cfg.filter_seen else model.history_offset()
+    if offset != 0:
         pos_of_slot = {int(s): i for i, s in enumerate(ds.candidate_slots)}
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64) for h in ds.histories]
     if cfg.retrieval == "faiss":
-        _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude)
+        _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
-        _, idx = topk_inner_product(queries, cand, 10, exclude)
+        _, idx = topk_inner_product(queries, cand, 10, exclude, offset=offset)
         idx = idx.numpy()
     cids = ds.candidates.creative_ids
     top10s = [[int(cids[i]) for i in row if i >= 0] for row in idx]

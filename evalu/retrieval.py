@@ -35,11 +35,11 @@ def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                        exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 256,
-                       item_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+                       item_chunk: int = 16384, offset: float = float("-inf")) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [U, k], item indices [U, k]) of the k best items per query, best first.
 
-    `exclude[u]`: item indices never returned for query u (e.g. items already in the user's history).
-    Fewer than k eligible items -> the tail holds index -1 and score -inf."""
+    `exclude[u]`: item indices of query u (e.g. items already in the user's history) whose scores get `offset`
+    added; -inf (the default): never returned. Fewer than k eligible items -> the tail holds index -1, score -inf."""
     U, C = queries.shape[0], items.shape[0]
     kk = min(k, C)
     out_s = torch.full((U, k), float("-inf"), dtype=torch.float32)
@@ -57,8 +57,8 @@ def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                     rows.append(np.full(len(sel), r))
                     cols.append(sel - ilo)
                 if rows and sum(len(c) for c in cols):
-                    s[torch.as_tensor(np.concatenate(rows), device=s.device),
-                      torch.as_tensor(np.concatenate(cols), device=s.device)] = float("-inf")
+                    r_, c_ = (torch.as_tensor(np.concatenate(x), device=s.device) for x in (rows, cols))
+                    s[r_, c_] = float("-inf") if offset == float("-inf") else s[r_, c_] + offset
             ts, ti = _block_topk(s, kk)
             cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
             best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
@@ -70,8 +70,10 @@ def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
 
 
 def topk_faiss(queries: np.ndarray, items: np.ndarray, k: int = 10,
-               exclude: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The same through faiss.IndexFlatIP (exact); asks for extra neighbours to make room for exclusions."""
+               exclude: Sequence[np.ndarray] | None = None, offset: float = float("-inf")
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The same through faiss.IndexFlatIP (exact): asks for k + max len(exclude[u]) neighbours, which hold the top
+    k of the items not excluded; the excluded ones are then dropped (offset -inf) or scored exactly."""
     import faiss  # optional dependency
 
     index = faiss.IndexFlatIP(items.shape[1])
@@ -80,10 +82,28 @@ def topk_faiss(queries: np.ndarray, items: np.ndarray, k: int = 10,
     s, i = index.search(np.ascontiguousarray(queries, np.float32), min(k + extra, items.shape[0]))
     if exclude is None:
         return s[:, :k], i[:, :k]
+    if offset != float("-inf"):
+        return _rescore(queries, items, k, exclude, offset, s, i)
     out_s = np.full((len(queries), k), -np.inf, np.float32)
     out_i = np.full((len(queries), k), -1, np.int64)
     for u in range(len(queries)):
         keep = ~np.isin(i[u], exclude[u]) & (i[u] >= 0)
         n = min(k, int(keep.sum()))
         out_s[u, :n], out_i[u, :n] = s[u][keep][:n], i[u][keep][:n]
+    return out_s, out_i
+
+
+def _rescore(queries: np.ndarray, items: np.ndarray, k: int, exclude: Sequence[np.ndarray], offset: float,
+             s: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top k among the searched neighbours that are not excluded and every excluded item, scored exactly with
+    `offset` added."""
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for u in range(len(queries)):
+        ex = np.asarray(exclude[u], np.int64)
+        keep = (i[u] >= 0) & ~np.isin(i[u], ex)
+        cs = np.concatenate([s[u][keep], items[ex] @ queries[u] + offset])
+        ci = np.concatenate([i[u][keep], ex])
+        order = np.argsort(-cs, kind="stable")[:k]
+        out_s[u, :len(order)], out_i[u, :len(order)] = cs[order], ci[order]
     return out_s, out_i

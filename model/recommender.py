@@ -40,6 +40,14 @@ class ModelConfig:
     # Level mode only: levels of the semantic ID an item without an id embedding uses (fine levels identify single
     # items like an id does and are noise for items never trained on). Prefix mode decides per prefix instead.
     sid_levels_without_id: int = 2
+    # A learnt logit bias per item (one more output of the item tower) beside the cosine: an item's popularity
+    # need not be squeezed into its direction, and an item without an id gets the bias its content and
+    # semantic-ID prefixes predict (learnt on the training items whose id is dropped).
+    item_bias: bool = True
+    # One learnt logit offset for items already in the user's sequence: negative where people rarely come back to
+    # an item (MovieLens: a film is rated once), positive where they do. Served as part of the model's score
+    # (`history_offset`); --filter-seen still removes such items outright.
+    history_bias: bool = True
     use_item_id: bool = True
     use_semantic_ids: bool = True
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
@@ -49,8 +57,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """From a checkpoint's config: a field it lacks was written by an older version and takes that version's
+        behaviour (LEGACY), so its weights load and rank as before; other missing fields take the defaults."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in names}})
+
+
+# What a checkpoint that does not name these fields was trained with (the first version's model).
+LEGACY = {"sid_embedding": "level", "item_bias": False, "history_bias": False, "logq": False}
 
 
 def expected_negatives(target: torch.Tensor, n: int, k_random: int, n_items: int, k_inbatch: int) -> torch.Tensor:
@@ -77,7 +91,7 @@ class ItemTower(nn.Module):
         self.mm_proj = nn.ModuleDict({f: nn.Linear(d, h) for f, d in schema.mm.items() if f in cfg.mm_emb_id})
         width = (h if self.id_emb is not None else 0) + fd * (len(self.sparse) + len(self.array)) \
             + (h if self.sid is not None else 0) + h * len(self.mm_proj)
-        self.out = nn.Sequential(nn.Linear(max(width, 1), h), nn.GELU(), nn.Linear(h, h))
+        self.out = nn.Sequential(nn.Linear(max(width, 1), h), nn.GELU(), nn.Linear(h, h + int(cfg.item_bias)))
         for name in ("t_reid", "t_sparse", "t_array", "t_sid_rows", "t_sid_drop"):
             self.register_buffer(name, torch.zeros(1, dtype=torch.long), persistent=False)
         self.t_mm: dict[str, torch.Tensor] = {}
@@ -181,16 +195,29 @@ class Recommender(nn.Module):
         self.blocks = nn.ModuleList(Block(h, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_blocks))
         self.norm = nn.LayerNorm(h)
         self.drop = SharedDropout(cfg.dropout)
+        self.seen_logit = nn.Parameter(torch.zeros(())) if cfg.history_bias else None
+
+    def history_offset(self) -> float:
+        """What to add to the retrieval score (`query` . `item_vectors`) of an item already in the user's
+        sequence: the learnt logit offset in retrieval units (0 without `history_bias`)."""
+        return float(self.seen_logit) * self.cfg.temperature if self.seen_logit is not None else 0.0
+
+    def _unit_and_bias(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Item tower output -> (unit vector [..., h], logit bias [...] or None)."""
+        h = self.cfg.hidden
+        return F.normalize(raw[..., :h], dim=-1), (raw[..., h] if self.cfg.item_bias else None)
 
     def item_vectors(self, slots: torch.Tensor, drop_id: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised item vectors."""
-        return F.normalize(self.items(slots, drop_id), dim=-1)
+        """Retrieval vectors: their inner product with `query` orders items as the training logits do. The unit
+        vector, and with `item_bias` a last component temperature x bias (the query's is 1)."""
+        v, b = self._unit_and_bias(self.items(slots, drop_id))
+        return v if b is None else torch.cat([v, self.cfg.temperature * b[..., None]], -1)
 
     def sequence(self, seq: torch.Tensor, user_sparse: torch.Tensor, user_array: torch.Tensor,
                  seq_vecs: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised query at every item position [B, L, h] (left-padded `seq` [B, L])."""
         B, L = seq.shape
-        x = self.items(seq) if seq_vecs is None else seq_vecs
+        x = self.items(seq)[..., :self.cfg.hidden] if seq_vecs is None else seq_vecs
         x = torch.cat([self.user(user_sparse, user_array)[:, None], x], 1)
         x = self.drop(x + self.pos(torch.arange(L + 1, device=seq.device))[None])
         # A query attends to earlier non-padding tokens; the user token (position 0) is always visible.
@@ -202,8 +229,9 @@ class Recommender(nn.Module):
         return F.normalize(self.norm(x)[:, 1:], dim=-1)
 
     def query(self, seq: torch.Tensor, user_sparse: torch.Tensor, user_array: torch.Tensor) -> torch.Tensor:
-        """The query for the next item after each (left-padded) history [B, h]."""
-        return self.sequence(seq, user_sparse, user_array)[:, -1]
+        """The query for the next item after each (left-padded) history [B, h] (+1 with `item_bias`)."""
+        q = self.sequence(seq, user_sparse, user_array)[:, -1]
+        return torch.cat([q, torch.ones_like(q[:, :1])], -1) if self.cfg.item_bias else q
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Softmax of each next item (cosine / temperature) over the whole catalogue when it has at most
@@ -224,16 +252,26 @@ class Recommender(nn.Module):
         # One tower pass over every distinct slot in the batch.
         uniq, inv = torch.unique(torch.cat([seq.flatten(), target, neg]), return_inverse=True)
         drop = (torch.rand(len(uniq), generator=generator).to(dev) < self.cfg.id_dropout) if self.training else None
-        vec = self.items(uniq, drop)
+        raw = self.items(uniq, drop)
         n_seq, n_pos = seq.numel(), len(target)
-        seq_vecs = vec[inv[:n_seq]].view(*seq.shape, -1)
+        seq_vecs = raw[inv[:n_seq], :self.cfg.hidden].view(*seq.shape, -1)
         q = self.sequence(seq, batch["user_sparse"], batch["user_array"], seq_vecs)[valid]
-        vnorm = F.normalize(vec, dim=-1)
+        vnorm, bias = self._unit_and_bias(raw)
+        if bias is None:
+            bias = torch.zeros(len(uniq), device=dev)
         p_idx, n_idx = inv[n_seq:n_seq + n_pos], inv[n_seq + n_pos:]
+        first = _first_seen(inv[:n_seq].view(seq.shape), seq, len(uniq)) if self.seen_logit is not None else None
         if full:  # columns are items 1..n_items
-            return F.cross_entropy(q @ vnorm[n_idx].T / self.cfg.temperature, target - 1)
-        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature
-        neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature
+            logits = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx]
+            if self.seen_logit is not None:
+                logits = logits + self.seen_logit * _seen(first, n_idx, seq.shape[1])[valid]
+            return F.cross_entropy(logits, target - 1)
+        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bias[p_idx, None]
+        neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx][None, :]
+        if self.seen_logit is not None:
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            pos_logit = pos_logit + self.seen_logit * (first[b_idx, p_idx] <= t_idx)[:, None]
+            neg_logit = neg_logit + self.seen_logit * _seen(first, n_idx, seq.shape[1])[valid]
         if self.cfg.logq:
             log_e = expected_negatives(p_idx, len(uniq), k, n_items, len(neg) - k).log()
             pos_logit = pos_logit - log_e[p_idx, None]
@@ -241,3 +279,18 @@ class Recommender(nn.Module):
         neg_logit = neg_logit.masked_fill(n_idx[None, :] == p_idx[:, None], float("-inf"))  # accidental hits
         logits = torch.cat([pos_logit, neg_logit], 1)
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev))
+
+
+def _first_seen(seq_u: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, L] index (< n) of each slot of the left-padded sequences `seq` [B, L] -> [B, n]: the first position at
+    which each indexed item occurs in each sequence (L where it does not)."""
+    B, L = seq.shape
+    pos = torch.arange(L, device=seq.device).expand(B, L)
+    first = torch.full((B, n), L, dtype=torch.long, device=seq.device)
+    return first.scatter_reduce_(1, seq_u, torch.where(seq > 0, pos, L), "amin")
+
+
+def _seen(first: torch.Tensor, cols: torch.Tensor, length: int) -> torch.Tensor:
+    """`_first_seen`'s [B, n], column indices [C] -> [B, length, C]: whether item cols[c] is among seq[b, :t+1],
+    the history the query at position t has read."""
+    return first[:, None, cols] <= torch.arange(length, device=first.device)[None, :, None]

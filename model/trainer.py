@@ -111,16 +111,21 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
     items = torch.cat([model.item_vectors(torch.arange(lo, min(lo + 65536, n_items + 1), device=device))
                        for lo in range(0, n_items + 1, 65536)])  # row r = slot r (row 0: padding)
     ranks: dict[str, list] = {"unfiltered": [], "filtered": []}
+    offset = model.history_offset()
     for lo in range(0, len(val["target"]), batch):
         q = model.query(*(val[k][lo:lo + batch].to(device) for k in ("seq", "user_sparse", "user_array")))
         s = q @ items.T
         s[:, 0] = float("-inf")
+        hist = val["history"][lo:lo + batch].to(device)
         t = val["target"][lo:lo + batch].to(device)[:, None]
+        ts_raw = s.gather(1, t)
+        if offset:  # the model's own score of the items already in the history (padding 0 stays -inf)
+            s.scatter_add_(1, hist, torch.full(hist.shape, offset, device=device))
         ts = s.gather(1, t)
         ranks["unfiltered"].append(((s > ts).sum(1) + 1).cpu())
-        s.scatter_(1, val["history"][lo:lo + batch].to(device), float("-inf"))  # padding 0 is already -inf
-        s.scatter_(1, t, ts)
-        ranks["filtered"].append(((s > ts).sum(1) + 1).cpu())
+        s.scatter_(1, hist, float("-inf"))  # padding 0 is already -inf
+        s.scatter_(1, t, ts_raw)
+        ranks["filtered"].append(((s > ts_raw).sum(1) + 1).cpu())
     model.train()
     return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
 

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dataset import load_semantic_ids
 from evalu.infer import InferConfig, infer, main, parse_args, run
-from evalu.retrieval import topk_inner_product
+from evalu.retrieval import topk_faiss, topk_inner_product
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,6 +225,52 @@ def test_chunked_retrieval_equals_brute_force():
     ex = [np.asarray(ref.indices[u, :3]) for u in range(37)]
     _, i2 = topk_inner_product(q, items, 10, exclude=ex, item_chunk=100)
     assert torch.equal(i2[:, :7], ref.indices[:, 3:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("offset", [-0.7, 0.4])
+def test_history_offset_retrieval_equals_brute_force(backend, offset):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(2)
+    q, items = torch.randn(40, 8, generator=g), torch.randn(500, 8, generator=g)
+    ex = [np.unique(np.asarray(torch.randint(0, 500, (30,), generator=g))) for _ in range(40)]
+    full = q @ items.T
+    for u in range(40):
+        full[u, ex[u]] += offset
+    ref = full.topk(10, dim=1)
+    if backend == "faiss":
+        s, i = topk_faiss(q.numpy(), items.numpy(), 10, ex, offset)
+        s, i = torch.as_tensor(s), torch.as_tensor(i)
+    else:
+        s, i = topk_inner_product(q, items, 10, exclude=ex, offset=offset, item_chunk=128)
+    assert torch.equal(i, ref.indices) and torch.allclose(s, ref.values, atol=1e-5)
+
+
+def test_unfiltered_inference_serves_the_learnt_history_offset(world, checkpoint, tmp_path):
+    """Without --filter-seen the model's own offset for history items decides: strongly negative, they vanish
+    from the top 10; strongly positive, they fill it."""
+    from dataset import TestDataset
+    import evalu.infer as infer_mod
+
+    _, ev = world
+    ds = TestDataset(ev, maxlen=20)
+    pool = set(ds.candidates.creative_ids.tolist())
+    hist = [set(ds.store.creative[h].tolist()) & pool for h in ds.histories]
+    orig = infer_mod.load_checkpoint
+    shares = {}
+    for value in (-1e4, 1e4):
+        def patched(d, dev, value=value):
+            m, meta, rq, ids = orig(d, dev)
+            m.seen_logit.data.fill_(value)
+            return m, meta, rq, ids
+        infer_mod.load_checkpoint = patched
+        try:
+            top, _, _ = run(_cfg(ev, checkpoint, tmp_path, filter_seen=False))
+        finally:
+            infer_mod.load_checkpoint = orig
+        shares[value] = [len(set(t) & h) for t, h in zip(top, hist)]
+    assert sum(shares[-1e4]) == 0 and shares[1e4] == [min(10, len(h)) for h in hist], shares
 
 
 def test_metrics_are_reported_overall_and_cold(world, checkpoint, tmp_path):

@@ -88,7 +88,9 @@ def test_a_small_catalogue_is_scored_in_full(world):
     loss = model.loss(b)
     valid = b["pos"] > 0
     q = model.sequence(b["seq"], b["user_sparse"], b["user_array"])[valid]
+    q = torch.cat([q, torch.ones_like(q[:, :1])], -1)  # the query's bias component, as model.query has it
     items = model.item_vectors(torch.arange(1, ds.schema.num_items + 1))
+    # retrieval scores / temperature are the training logits (cosine / temperature + item bias)
     full = torch.nn.functional.cross_entropy(q @ items.T / model.cfg.temperature, b["pos"][valid] - 1)
     torch.testing.assert_close(loss, full)
 
@@ -171,3 +173,51 @@ def test_bad_training_config_is_refused():
         TrainConfig(sid_method="pq")
     with pytest.raises(ValueError, match="sid_embedding"):
         SemanticIdEmbedding(4, 16, 8, "ngram")
+
+
+def test_seen_masks_follow_the_causal_history():
+    from model.recommender import _first_seen, _seen
+
+    seq = torch.tensor([[0, 5, 7, 5]])  # left-padded; the query at position t has read seq[:t+1]
+    index = {0: 0, 5: 1, 7: 2, 9: 3}  # item -> column of the index space
+    first = _first_seen(seq.apply_(index.get), torch.tensor([[0, 5, 7, 5]]), 4)
+    assert first.tolist() == [[4, 1, 2, 4]]  # padding and the absent item 9: never
+    assert _seen(first, torch.tensor([1, 2, 3]), 4)[0].int().tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_history_offset_learns_the_sign_of_repeats(world, full):
+    """Where next items never repeat the history, the loss pushes the offset down; where they always repeat the
+    last item, up. Both in the full softmax and in the sampled one."""
+    model, ds = _tiny_model(world, num_negatives=10_000 if full else 16, id_dropout=0.0)
+    b = _batch(ds)
+    grads = {}
+    for name in ("never", "always"):
+        bb = dict(b)
+        if name == "always":  # every next item is the item just read
+            bb["pos"] = torch.where(b["pos"] > 0, b["seq"], 0)
+        else:  # next items drawn from items outside the sequence
+            outside = torch.tensor(sorted(set(range(1, ds.schema.num_items + 1)) - set(b["seq"].flatten().tolist())))
+            bb["pos"] = torch.where(b["pos"] > 0, outside[torch.arange(b["pos"].numel()) % len(outside)].view_as(b["pos"]), 0)
+        model.zero_grad()
+        model.loss(bb, torch.Generator().manual_seed(0)).backward()
+        grads[name] = float(model.seen_logit.grad)
+    assert grads["never"] > 0 > grads["always"], grads
+
+
+def test_item_bias_is_part_of_the_retrieval_score(world):
+    model, ds = _tiny_model(world)
+    slots = torch.arange(1, 11)
+    raw = model.items(slots)
+    v = model.item_vectors(slots)
+    assert v.shape[1] == model.cfg.hidden + 1
+    torch.testing.assert_close(v[:, -1], model.cfg.temperature * raw[:, -1])
+    q = model.query(*(ds.validation_samples(5)[k] for k in ("seq", "user_sparse", "user_array")))
+    assert torch.equal(q[:, -1], torch.ones(len(q)))
+
+
+def test_checkpoints_of_the_first_version_load_as_they_were_trained():
+    """A config.json written before a field existed takes that field's first-version value, not today's default."""
+    old = ModelConfig.from_dict({"hidden": 16, "num_negatives": 512})
+    assert (old.sid_embedding, old.item_bias, old.history_bias, old.logq) == ("level", False, False, False)
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()

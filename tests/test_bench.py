@@ -1,0 +1,52 @@
+"""Smoke tests of the quality benchmarks' plumbing (tiny runs; the figures themselves are the benchmarks' job)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.setattr(sys, "path", sys.path + [str(BENCH)])  # last: bench/rqvae.py must not shadow the package
+
+
+def test_quality_bench_reports_both_models_and_the_targets(bench_path, tmp_path, capsys):
+    import quality
+
+    rep = quality.main(["--seeds", "0", "--epochs", "1", "--test-users", "60", "--keep", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ("no semantic ID", "with semantic ID"):
+        (m,) = rep["results"][name]
+        assert isinstance(m["filtered"], bool) and {"overall", "cold_start", "warm"} <= set(m)
+        assert m["overall"]["users"] == 60
+    (boot,) = rep["bootstrap"]
+    assert boot[1] in ("encoded", "loaded", "loaded+encoded") and boot[3] == "loaded"  # second run loads the file
+    assert "cold-start HR@10: with IDs" in out and "overall score: with IDs" in out
+
+
+def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
+    import ml100k
+
+    def run_file(seed: int, hr: float) -> Path:
+        m = {"users": 90, "hr@10": hr, "ndcg@10": hr / 2, "score": hr, "seconds": 1.0}
+        ours = {}
+        for name in ("ours, no semantic ID", "ours, semantic IDs"):
+            v = hr if name.endswith("IDs") else hr / 2
+            for rule in ("unfiltered", "filtered"):
+                ours[f"warm | {name} | {rule}"] = [{**m, "hr@10": v, "ndcg@10": v / 2}]
+                ours[f"cold-start | {name} | {rule}"] = [{**m, "hr@10": v, "ndcg@10": v / 2}]
+            ours[f"cold-start | {name} | chosen"] = [{"filtered": True}]
+        p = tmp_path / f"s{seed}.json"
+        p.write_text(json.dumps({"peers": [], "ours": ours, "seeds": [seed]}))
+        return p
+
+    rep = ml100k.main(["--merge", str(run_file(0, 0.10)), str(run_file(1, 0.12))])
+    out = capsys.readouterr().out
+    assert "seeds [0, 1]" in out
+    cold = [c for c in rep["checks"] if c.startswith("cold-start filtered hr@10")]
+    assert cold and "0.1100 ± 0.0100" in cold[0] and "2.00x" in cold[0]
