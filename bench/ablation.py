@@ -11,32 +11,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
 sys.path.append(str(Path(__file__).resolve().parent))
-from harness import demo_world, fresh_copy, mean_std, ml100k_cold, train_and_infer  # noqa: E402
+from harness import add_run_args, start, demo_world, fresh_copy, mean_std, ml100k_cold, train_and_infer  # noqa: E402
 
 # name -> (ModelConfig overrides, TrainConfig overrides)
 VARIANTS = {
     "defaults": ({}, {}),
     "no semantic IDs": ({"use_semantic_ids": False}, {}),
+    "no item bias": ({"item_bias": False}, {}),
+    "no learnt history offset": ({"history_bias": False}, {}),
     "per-level ID tables (not prefixes)": ({"sid_embedding": "level"}, {}),
     "512 sampled negatives + in-batch, logQ": ({"num_negatives": 512}, {}),
     "512 sampled negatives + in-batch, no logQ": ({"num_negatives": 512, "logq": False}, {}),
-    "IDs by RQ-VAE": ({}, {"sid_method": "rqvae"}),
     "IDs by rqkmeans": ({}, {"sid_method": "rqkmeans"}),
     "no history filtering": ({}, {"filter_seen": "false"}),
     "always history filtering": ({}, {"filter_seen": "true"}),
-    "first version": ({"num_negatives": 512, "logq": False, "sid_embedding": "level"},
-                      {"sid_method": "rqvae", "filter_seen": "false"}),
+    "first version": ({"num_negatives": 512, "logq": False, "sid_embedding": "level", "item_bias": False,
+                       "history_bias": False}, {"sid_method": "rqvae", "filter_seen": "false", "random_window": False}),
 }
 WORLDS = {"demo": {"epochs": 6, "sid_mm_emb_id": ["81", "82"]},  # the IDs see the 1024-d feature the model does not
           "ml100k": {"epochs": 60, "batch_size": 64, "lr": 2e-3}}
@@ -51,15 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-users", type=int, default=2000, help="demo world")
     p.add_argument("--cold-frac", type=float, default=None, help="default: 0.2 (demo), 0.1 (ml100k)")
     p.add_argument("--data-root", help="ml100k: converted splits (cold{seed}/) instead of converting")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--keep", help="keep the work dir here")
-    p.add_argument("--out", help="write every figure as JSON here")
+    add_run_args(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_ablation_"))
+    work = start(a, "ablation")
     kw = dict(WORLDS[a.world], **({"epochs": a.epochs} if a.epochs else {}))
     res: dict[str, list[dict]] = {}
     try:

@@ -2,12 +2,16 @@
 summarise seeds as mean ± std."""
 from __future__ import annotations
 
+import argparse
+import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from evalu.infer import InferConfig, run
 from model.recommender import ModelConfig
@@ -16,6 +20,21 @@ from model.trainer import TrainConfig, train
 # Files a run writes into a data dir; a fresh copy leaves them out so every seed makes its own.
 GENERATED = (".genrec_cache", "semantic_id_dict.json", "semantic_id_report.json", "rqvae_model.pt",
              "rqvae_config.json", ".semantic_id_dict.json.lock")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags every quality bench shares: threads, work dir, JSON output."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--keep", help="keep the work dir here")
+    p.add_argument("--out", help="write every figure as JSON here")
+
+
+def start(a: argparse.Namespace, name: str) -> Path:
+    """Quiet logs, the thread count, and the work dir (`--keep`, else a temporary one)."""
+    logging.basicConfig(level=logging.WARNING)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
 
 
 def fresh_copy(split: str | Path, dst: str | Path) -> Path:

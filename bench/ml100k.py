@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
 sys.path.append(str(Path(__file__).resolve().parent))
 from dataset.convert_ml100k import _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
@@ -113,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
     if a.merge:
         return _merge(a)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(a.threads)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_ml100k_"))
     splits = _splits(a, work)

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402
-from harness import demo_world, fresh_copy, mean_std, train_and_infer  # noqa: E402
+from harness import add_run_args, start, demo_world, fresh_copy, mean_std, train_and_infer  # noqa: E402
 
 MODELS = {"no semantic ID": False, "with semantic ID": True}
 
@@ -36,15 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-users", type=int, default=2000)
     p.add_argument("--cold-frac", type=float, default=0.2)
     p.add_argument("--sid-features", nargs="+", default=["81", "82"], help="features the RQ-VAE merges")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--keep", help="keep the work dir here")
-    p.add_argument("--out", help="write every figure as JSON here")
+    add_run_args(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    work = start(a, "quality")
     res: dict[str, list[dict]] = {name: [] for name in MODELS}
     boot = []
     try:

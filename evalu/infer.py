@@ -37,7 +37,7 @@ from rqvae.fit import peak_memory_mb, resolve_device
 log = logging.getLogger("evalu.infer")
 
 RESULT_FILE, REPORT_FILE = "result.json", "infer_report.json"
-DEMO_VERSION = "2"  # bump when the demo world or the model format changes: cached demos are rebuilt
+DEMO_VERSION = "3"  # bump when the demo world or the model format changes: cached demos are rebuilt
 
 
 @dataclass

@@ -40,12 +40,17 @@ def test_converter_writes_a_competition_directory(tmp_path):
         assert labels[u][0] not in set(test.store.creative[h].tolist())
 
 
-def test_benchmark_runs_end_to_end_on_a_slice(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
+def test_benchmark_runs_end_to_end_on_a_slice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", sys.path + [str(ROOT / "bench")])  # last: bench/rqvae.py must not shadow rqvae
     import ml100k
 
-    res = ml100k.main(["--seeds", "0", "--epochs", "1", "--max-users", "60", "--keep", str(tmp_path / "w")])
+    res = ml100k.main(["--seeds", "0", "--epochs", "1", "--max-users", "60", "--peers", "GRU4Rec",
+                       "--peer-max-epochs", "1", "--keep", str(tmp_path / "w")])
     out = capsys.readouterr().out
-    assert "RecBole GRU4Rec (published)" in out and "| warm | with semantic ID |" in out
-    assert {k for k in res} == {("warm", "no semantic ID"), ("warm", "with semantic ID"),
-                                ("cold-start", "no semantic ID"), ("cold-start", "with semantic ID")}
+    assert "| RecBole GRU4Rec |" in out and "| ours, semantic IDs |" in out and "published (reference, not run here)" in out
+    (peer,) = res["peers"]
+    assert peer["targets_agree"] == peer["test_users"] == 60  # RecBole holds out exactly our test targets
+    for split in ("warm", "cold-start"):
+        for name in ("ours, no semantic ID", "ours, semantic IDs"):
+            assert len(res["ours"][f"{split} | {name} | filtered"]) == 1
+    assert any(c.startswith("warm unfiltered hr@10") for c in res["checks"])
