@@ -105,7 +105,8 @@ def _bool_arg(text: str) -> bool:
 def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.device, batch: int = 512
              ) -> dict[str, dict]:
     """Full ranking of each held-out click among all training items (HR@10, NDCG@10, score), under both rules:
-    "unfiltered" (every item) and "filtered" (items of the user's history removed, the target kept)."""
+    "unfiltered" (every item, history items with the model's learnt offset) and "filtered" (items of the user's
+    history removed; a target among them is a miss)."""
     model.eval()
     n_items = model.schema.num_items
     items = torch.cat([model.item_vectors(torch.arange(lo, min(lo + 65536, n_items + 1), device=device))
@@ -125,7 +126,9 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
         ranks["unfiltered"].append(((s > ts).sum(1) + 1).cpu())
         s.scatter_(1, hist, float("-inf"))  # padding 0 is already -inf
         s.scatter_(1, t, ts_raw)
-        ranks["filtered"].append(((s > ts_raw).sum(1) + 1).cpu())
+        r = (s > ts_raw).sum(1) + 1
+        # A target the user already had is never served under filtering: a miss, as it would be at inference.
+        ranks["filtered"].append(r.masked_fill((hist == t).any(1), n_items + 1).cpu())
     model.train()
     return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
 
