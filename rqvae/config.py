@@ -27,7 +27,7 @@ class RQVAEConfig:
     kmeans_sample: int = 16384  # points per k-means fit (codebook init and rqkmeans): 64 per code
     kmeans_init: str = "kmeans++"  # or "random"
     pca_dim: int = 64  # rqkmeans: project the standardised input onto this many principal components (0: none)
-    balanced: bool = False  # rqkmeans: balanced assignment (every code gets about the same number of items)
+    balanced: bool = True  # rqkmeans: balanced assignment (every code gets about the same number of items)
     encode_batch_size: int = 65536
 
     def __post_init__(self) -> None:
@@ -66,7 +66,8 @@ class RQVAEConfig:
             if f.name == "hidden_dims":
                 p.add_argument("--hidden_dims", type=int, nargs="+", default=None, help=f"default {list(default)}")
             elif f.type in ("bool", bool):
-                p.add_argument(f"--{f.name}", action="store_true", default=None, help="off by default")
+                p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{'on' if default else 'off'} by default")
             elif f.name == "method":
                 p.add_argument("--method", choices=METHODS, default=None, help=f"default {default}")
             elif f.name == "kmeans_init":

@@ -101,12 +101,16 @@ class RQVAE(nn.Module):
                                           "normalisation": {"mean": self.mean.cpu().tolist(), "scale": float(self.scale)}})
         return d
 
+    # What an RQ-VAE saved before these fields existed was made with (rqkmeans: no PCA, random init, unbalanced).
+    LEGACY = {"pca_dim": 0, "kmeans_init": "random", "balanced": False}
+
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "RQVAE":
         """Rebuild from `save`'s files; the weights load with weights_only=True (no code runs)."""
         d = Path(directory)
         meta = json.loads((d / cls.CONFIG_FILE).read_text())
-        model = cls(int(meta["in_dim"]), RQVAEConfig.from_dict(meta["config"]))
+        # Fields a config lacks were written by a version before them: take that version's behaviour.
+        model = cls(int(meta["in_dim"]), RQVAEConfig.from_dict({**RQVAE.LEGACY, **meta["config"]}))
         state = torch.load(d / cls.MODEL_FILE, map_location="cpu", weights_only=True)
         state.setdefault("quantizer.bias", model.quantizer.bias)  # written before balanced assignment existed
         model.load_state_dict(state)

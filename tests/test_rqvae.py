@@ -209,7 +209,7 @@ def _many_clusters(n: int, d: int, k: int = 200, seed: int = 0) -> np.ndarray:
     return c[rng.choice(k, n, p=sizes / sizes.sum())] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("extra", [{}, {"balanced": True}])
+@pytest.mark.parametrize("extra", [{}, {"balanced": False}])
 def test_rqkmeans_does_not_collapse_in_high_dimensions(extra):
     x = _many_clusters(4000, 512)
     model, _ = fit(x, RQVAEConfig(method="rqkmeans", codebook_size=32, kmeans_iters=8, pca_dim=16, **extra))
@@ -247,7 +247,7 @@ def test_kmeans_plus_plus_seeds_every_cluster():
     assert found["kmeans++"] >= 14 and found["random"] <= 8, found
 
 
-@pytest.mark.parametrize("extra", [{}, {"balanced": True}, {"pca_dim": 0}])
+@pytest.mark.parametrize("extra", [{}, {"balanced": False}, {"pca_dim": 0}])
 def test_rqkmeans_save_load_roundtrip(tmp_path, extra):
     x = _many_clusters(2000, 48)
     model, _ = fit(x, RQVAEConfig(**{"method": "rqkmeans", "codebook_size": 32, "kmeans_iters": 5, "pca_dim": 8, **extra}))
@@ -263,3 +263,27 @@ def test_an_rqvae_saved_before_balanced_assignment_still_loads(tmp_path):
     del state["quantizer.bias"]
     torch.save(state, tmp_path / "rqvae_model.pt")
     np.testing.assert_array_equal(encode(RQVAE.load(tmp_path), x), encode(model, x))
+
+
+def test_an_rqkmeans_saved_before_pca_loads_as_it_was_made(tmp_path):
+    """A config written before pca_dim / kmeans_init / balanced existed is rebuilt with the first version's
+    behaviour (no PCA), not today's defaults, so its weights fit and it encodes as it did."""
+    x = _many_clusters(1000, 24)
+    model, _ = fit(x, RQVAEConfig(method="rqkmeans", codebook_size=16, kmeans_iters=4, pca_dim=0, balanced=False,
+                                  kmeans_init="random"))
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "rqvae_config.json").read_text())
+    for key in ("pca_dim", "kmeans_init", "balanced"):
+        del meta["config"][key]
+    (tmp_path / "rqvae_config.json").write_text(json.dumps(meta))
+    np.testing.assert_array_equal(encode(RQVAE.load(tmp_path), x), encode(model, x))
+
+
+def test_boolean_flags_turn_both_ways():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    RQVAEConfig.add_arguments(p)
+    assert RQVAEConfig.from_args(p.parse_args([])).balanced is True
+    assert RQVAEConfig.from_args(p.parse_args(["--no-balanced"])).balanced is False
+    assert RQVAEConfig.from_args(p.parse_args(["--dedup"])).dedup is True
