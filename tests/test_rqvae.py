@@ -268,7 +268,7 @@ def test_an_rqvae_saved_before_balanced_assignment_still_loads(tmp_path):
 def test_an_rqkmeans_saved_before_pca_loads_as_it_was_made(tmp_path):
     """A config written before pca_dim / kmeans_init / balanced existed is rebuilt with the first version's
     behaviour (no PCA), not today's defaults, so its weights fit and it encodes as it did."""
-    x = _many_clusters(1000, 24)
+    x = _many_clusters(1000, 96)  # wider than the default pca_dim
     model, _ = fit(x, RQVAEConfig(method="rqkmeans", codebook_size=16, kmeans_iters=4, pca_dim=0, balanced=False,
                                   kmeans_init="random"))
     model.save(tmp_path)
