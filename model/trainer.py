@@ -119,16 +119,13 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
         s[:, 0] = float("-inf")
         hist = val["history"][lo:lo + batch].to(device)
         t = val["target"][lo:lo + batch].to(device)[:, None]
-        ts_raw = s.gather(1, t)
         if offset:  # the model's own score of the items already in the history (padding 0 stays -inf)
             s.scatter_add_(1, hist, torch.full(hist.shape, offset, device=device))
         ts = s.gather(1, t)
         ranks["unfiltered"].append(((s > ts).sum(1) + 1).cpu())
         s.scatter_(1, hist, float("-inf"))  # padding 0 is already -inf
-        s.scatter_(1, t, ts_raw)
-        r = (s > ts_raw).sum(1) + 1
         # A target the user already had is never served under filtering: a miss, as it would be at inference.
-        ranks["filtered"].append(r.masked_fill((hist == t).any(1), n_items + 1).cpu())
+        ranks["filtered"].append(((s > ts).sum(1) + 1).masked_fill((hist == t).any(1), n_items + 1).cpu())
     model.train()
     return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
 
