@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
 sys.path.append(str(Path(__file__).resolve().parent))
-from harness import add_run_args, start, demo_world, fresh_copy, mean_std, ml100k_cold, train_and_infer  # noqa: E402
+from harness import add_run_args, demo_world, fresh_copy, mean_std, metric_cells, ml100k_cold, start, train_and_infer  # noqa: E402
 
 # name -> (ModelConfig overrides, TrainConfig overrides)
 VARIANTS = {
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
               "warm HR@10 | warm NDCG@10 | filtered | seconds |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name, ms in res.items():
-            print(f"| {name} | " + " | ".join(mean_std(m[part][k] for m in ms) for part, k in (
-                ("overall", "hr@10"), ("overall", "ndcg@10"), ("overall", "score"), ("cold_start", "hr@10"),
-                ("cold_start", "ndcg@10"), ("warm", "hr@10"), ("warm", "ndcg@10")))
-                + f" | {'/'.join('y' if m['filtered'] else 'n' for m in ms)} | {mean_std((m['seconds'] for m in ms), 0)} |")
+            print(f"| {name} | {metric_cells(ms)} | {mean_std((m['seconds'] for m in ms), 0)} |")
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=1))
         return res

@@ -75,6 +75,17 @@ def mean_std(values: Iterable[float], digits: int = 4) -> str:
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) else "-"
 
 
+# (part, metric) columns of the per-variant tables: overall, cold-start targets, warm targets
+METRIC_COLUMNS = (("overall", "hr@10"), ("overall", "ndcg@10"), ("overall", "score"), ("cold_start", "hr@10"),
+                  ("cold_start", "ndcg@10"), ("warm", "hr@10"), ("warm", "ndcg@10"))
+
+
+def metric_cells(runs: list[dict], columns: Iterable[tuple[str, str]] = METRIC_COLUMNS) -> str:
+    """'mean ± std | ...' over seeds of infer_report metrics (plus a "filtered" flag each), then the rules chosen."""
+    return " | ".join([*(mean_std(m[part][k] for m in runs) for part, k in columns),
+                       "/".join("y" if m["filtered"] else "n" for m in runs)])
+
+
 def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2) -> tuple[Path, Path]:
     """The demo world of `seed` (SynthConfig defaults otherwise): (train dir, eval dir), made once under `root`."""
     from dataset.synth import SynthConfig, generate

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import load_labels  # noqa: E402
 from dataset.seqfile import SeqFile  # noqa: E402
-from evalu.metrics import rank_metrics  # noqa: E402
+from evalu.metrics import rank_metrics, target_ranks  # noqa: E402
 
 # Each peer: RecBole model class name and the overrides of its packaged defaults (none but dropout).
 PEERS = {
@@ -78,14 +78,11 @@ def _ranks(model, loader, n_items: int, history: torch.Tensor, device: torch.dev
     for interaction, _, positive_u, positive_i in loader:
         interaction = interaction.to(device)
         s = model.full_sort_predict(interaction).view(-1, n_items).float()
-        s[:, 0] = -float("inf")  # padding
         t = torch.zeros(s.shape[0], dtype=torch.long, device=device)
         t[positive_u.to(device)] = positive_i.to(device)
-        ts = s.gather(1, t[:, None])
-        ranks_u.append(((s > ts).sum(1) + 1).cpu())
-        s.scatter_(1, history[interaction[model.USER_ID]].to(device), -float("inf"))
-        s.scatter_(1, t[:, None], ts)  # a target seen before keeps its score (our --filter-seen does the same)
-        ranks_f.append(((s > ts).sum(1) + 1).cpu())
+        r_u, r_f = target_ranks(s, t, history[interaction[model.USER_ID]].to(device))  # the rules ours validates by
+        ranks_u.append(r_u.cpu())
+        ranks_f.append(r_f.cpu())
     return torch.cat(ranks_u).numpy(), torch.cat(ranks_f).numpy()
 
 

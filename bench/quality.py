@@ -22,7 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402
-from harness import add_run_args, start, demo_world, fresh_copy, mean_std, train_and_infer  # noqa: E402
+from harness import add_run_args, demo_world, fresh_copy, metric_cells, start, train_and_infer  # noqa: E402
 
 MODELS = {"no semantic ID": False, "with semantic ID": True}
 
@@ -60,14 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{a.seeds}, {a.epochs} epochs; both models see feature 81 (32-d); the IDs come from features "
               f"{a.sid_features}; tested under the rule validation chose; mean ± std over seeds")
         print("| model | overall HR@10 | overall NDCG@10 | overall score | cold HR@10 | cold NDCG@10 | warm HR@10 "
-              "| cold users | filtered |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| warm NDCG@10 | filtered | cold users |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, ms in res.items():
-            print(f"| {name} | " + " | ".join(mean_std(m[part][k] for m in ms) for part, k in (
-                ("overall", "hr@10"), ("overall", "ndcg@10"), ("overall", "score"), ("cold_start", "hr@10"),
-                ("cold_start", "ndcg@10"), ("warm", "hr@10")))
-                + f" | {int(np.mean([m['cold_start']['users'] for m in ms]))}"
-                + f" | {'/'.join('y' if m['filtered'] else 'n' for m in ms)} |")
+            print(f"| {name} | {metric_cells(ms)} | {int(np.mean([m['cold_start']['users'] for m in ms]))} |")
         print("\n| run | semantic-ID stage seconds (first run) | status | second run seconds | status |")
         print("|---|---|---|---|---|")
         for seed, (s1, st1, s2, st2) in zip(a.seeds, boot):

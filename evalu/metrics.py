@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def rank_metrics(ranks: np.ndarray, weights: np.ndarray | None = None, k: int = 10) -> dict[str, float]:
@@ -25,3 +26,21 @@ def ranks_in_topk(top: list[list[int]], targets: list[int]) -> np.ndarray:
                 out[i] = r
                 break
     return out
+
+
+@torch.no_grad()
+def target_ranks(scores: torch.Tensor, target: torch.Tensor, history: torch.Tensor, offset: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based rank of each row's target under both rules, from full scores [U, C] (column 0 is padding and never
+    ranks), targets [U] and histories [U, L] (column indices, 0-padded). `scores` is modified in place.
+    unfiltered: every item, history items with `offset` added (a model's own score for them);
+    filtered: history items removed; a target among them is a miss (rank C + 1), as it can never be served."""
+    scores[:, 0] = float("-inf")
+    t = target[:, None]
+    if offset:
+        scores.scatter_add_(1, history, torch.full(history.shape, offset, device=scores.device))
+    ts = scores.gather(1, t)
+    unfiltered = (scores > ts).sum(1) + 1
+    scores.scatter_(1, history, float("-inf"))  # padding 0 is already -inf
+    filtered = ((scores > ts).sum(1) + 1).masked_fill((history == t).any(1), scores.shape[1] + 1)
+    return unfiltered, filtered

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dataset import TrainDataset
 from dataset.safeio import is_writable_dir, parse_bool
-from evalu.metrics import rank_metrics
+from evalu.metrics import rank_metrics, target_ranks
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
 from rqvae.fit import resolve_device
@@ -115,17 +115,10 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
     offset = model.history_offset()
     for lo in range(0, len(val["target"]), batch):
         q = model.query(*(val[k][lo:lo + batch].to(device) for k in ("seq", "user_sparse", "user_array")))
-        s = q @ items.T
-        s[:, 0] = float("-inf")
-        hist = val["history"][lo:lo + batch].to(device)
-        t = val["target"][lo:lo + batch].to(device)[:, None]
-        if offset:  # the model's own score of the items already in the history (padding 0 stays -inf)
-            s.scatter_add_(1, hist, torch.full(hist.shape, offset, device=device))
-        ts = s.gather(1, t)
-        ranks["unfiltered"].append(((s > ts).sum(1) + 1).cpu())
-        s.scatter_(1, hist, float("-inf"))  # padding 0 is already -inf
-        # A target the user already had is never served under filtering: a miss, as it would be at inference.
-        ranks["filtered"].append(((s > ts).sum(1) + 1).masked_fill((hist == t).any(1), n_items + 1).cpu())
+        r_u, r_f = target_ranks(q @ items.T, val["target"][lo:lo + batch].to(device),
+                                val["history"][lo:lo + batch].to(device), offset)
+        ranks["unfiltered"].append(r_u.cpu())
+        ranks["filtered"].append(r_f.cpu())
     model.train()
     return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
 
