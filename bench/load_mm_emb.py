@@ -1,9 +1,11 @@
 """Benchmark: loading creative_emb part files.
 
 Builds N x D JSON-lines part files and times, each stage in a fresh process (so peak memory is its own):
-  baseline  the public baseline's pattern: one json.loads per line into a dict of numpy arrays
-  first     our first load (parse + write the binary cache)
-  cached    our later load (memory-maps the cache), and the same plus reading every value once
+  baseline     the public baseline's pattern: one json.loads per line into a dict of numpy arrays
+  first        our first load (parse + write the binary cache): with pandas (the `fast` extra), and without
+  cached       our later load (memory-maps the cache), and the same plus reading every value once
+  pickle       the same rows as one `emb_<fid>_<dim>.pkl` dict (the layout of feature 81): pickle.load as the
+               baseline does, against our first load of it (restricted unpickler + cache)
 
     python bench/load_mm_emb.py [--n 1000000 --dim 32 --parts 4]
 """
@@ -53,6 +55,19 @@ N = len(emb)
 e = load_feature(EMB, FID)
 N = len(e)
 """),
+    "first, no pandas": ("from dataset.mm_emb import load_feature", """
+e = load_feature(EMB, FID)
+N = len(e)
+"""),
+    "pickle baseline": ("import pickle, pathlib", """
+with open(next(pathlib.Path(EMB).glob("emb_*.pkl")), "rb") as fh:
+    emb = pickle.load(fh)
+N = len(emb)
+"""),
+    "pickle first": ("from dataset.mm_emb import load_feature", """
+e = load_feature(EMB, FID)
+N = len(e)
+"""),
     "cached": ("from dataset.mm_emb import load_feature", """
 e = load_feature(EMB, FID)
 N = len(e)
@@ -65,7 +80,15 @@ N = len(e)
 }
 
 
-def run_stage(name: str, emb_dir: Path, fid: str, folder: Path) -> dict:
+def write_pickle(path: Path, n: int, dim: int, seed: int = 0) -> None:
+    import pickle
+
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    with open(path, "wb") as f:
+        pickle.dump({i + 1: row for i, row in enumerate(x)}, f, protocol=4)
+
+
+def run_stage(name: str, emb_dir: Path, fid: str, folder: Path, env: dict | None = None) -> dict:
     code = f"""
 import sys, time, resource, json
 sys.path.insert(0, {str(ROOT)!r})
@@ -84,7 +107,7 @@ kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps({{"seconds": dt, "rows": N, "peak_mb": status("VmHWM:"), "base_mb": base, "worker_peak_mb": kids}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "GENREC_CACHE_DIR": str(emb_dir.parent / "cache")})
+                         env={**os.environ, "GENREC_CACHE_DIR": str(emb_dir.parent / "cache"), **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -107,14 +130,26 @@ def main() -> None:
         rows = {}
         if not a.skip_baseline:
             rows["baseline (json.loads per line -> dict)"] = run_stage("baseline", emb_dir, "82", folder)
+        pure = emb_dir / "pure" / "creative_emb"  # its own copy: the first load must not find the other's cache
+        shutil.copytree(emb_dir, pure)
+        rows["ours, first load, no pandas"] = run_stage("first, no pandas", pure, "82", pure / folder.name,
+                                                        {"GENREC_NO_PANDAS": "1"})
+        shutil.rmtree(pure.parent)
         rows["ours, first load (parse + cache)"] = run_stage("first", emb_dir, "82", folder)
         rows["ours, cached load (memmap)"] = run_stage("cached", emb_dir, "82", folder)
         rows["ours, cached load + read all"] = run_stage("cached+read", emb_dir, "82", folder)
-        base = rows.get("baseline (json.loads per line -> dict)", {}).get("seconds")
+        pkl = tmp / "pkl" / "creative_emb"
+        pkl.mkdir(parents=True)
+        write_pickle(pkl / f"emb_81_{a.dim}.pkl", a.n, a.dim)
+        pickle_rows = {"pickle: baseline (pickle.load)": run_stage("pickle baseline", pkl, "81", pkl),
+                       "pickle: ours, first load (restricted unpickler + cache)": run_stage("pickle first", pkl, "81", pkl)}
         matrix_mb = a.n * a.dim * 4 / 2**20
         print("| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
         print("|---|---|---|---|---|---|")
-        for name, r in rows.items():
+        base = rows.get("baseline (json.loads per line -> dict)", {}).get("seconds")
+        for name, r in [*rows.items(), *pickle_rows.items()]:
+            if name.startswith("pickle"):
+                base = pickle_rows["pickle: baseline (pickle.load)"]["seconds"]
             ratio = f"{base / r['seconds']:.1f}x faster" if base else "-"
             extra = r["peak_mb"] - r["base_mb"]
             print(f"| {name} | {r['seconds']:.3f} | {ratio} | {extra:.0f} | {extra / matrix_mb:.2f} | "

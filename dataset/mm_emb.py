@@ -1,17 +1,21 @@
 """Multimodal embeddings (`creative_emb/`): one float32 matrix + one int64 id array per feature, cached on disk.
 
-The first load parses the JSON-lines part files with one regex pass and one `np.fromstring` per chunk (no
-per-line `json.loads`), streams rows into a raw binary cache, and later loads memory-map that cache.
-The cache is valid while every source file keeps its size and mtime.
+The first load parses the JSON-lines part files a chunk at a time without a per-line `json.loads`: with pandas
+installed (the `fast` extra), its C CSV reader parses the chunk once the JSON scaffolding is deleted (about 6x
+faster than Python's float(), the same float32 values); else one str.split and float() per number. Rows stream
+into a raw binary cache, and later loads memory-map that cache. The cache is valid while every source file keeps
+its size and mtime.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 from contextlib import ExitStack
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _CHUNK_BYTES = 16 << 20
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
 
 
@@ -84,8 +89,10 @@ def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[in
         try:
             obj = json.loads(line)
             cid = int(obj["anonymous_cid"])
+            if not _INT64_MIN <= cid <= _INT64_MAX:
+                raise ValueError("id beyond int64")
             vec = np.asarray(obj["emb"], dtype=np.float32)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # RecursionError: nested 100k deep
             skipped["unparseable"] = skipped.get("unparseable", 0) + 1
             continue
         if vec.shape != (dim,):
@@ -117,9 +124,60 @@ def _fast_parse(text: str, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
         ids = np.fromiter(map(int, tokens[::dim + 1]), dtype=np.int64, count=len(lines))
         del tokens[::dim + 1]
         emb = np.fromiter(map(float, tokens), dtype=np.float32, count=len(tokens)).reshape(len(lines), dim)
-    except ValueError:  # a token that is no number (or a cid that is no int)
+    except (ValueError, OverflowError):  # a token that is no number (or a cid that is no int64)
         return None
     return ids, emb
+
+
+@lru_cache(maxsize=1)
+def _pandas():
+    """pandas when installed (the `fast` extra) and not switched off by GENREC_NO_PANDAS=1, else None."""
+    if os.environ.get("GENREC_NO_PANDAS", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        import pandas
+    except ImportError:
+        return None
+    return pandas
+
+
+# The JSON scaffolding of a row, deleted; ':' becomes ',' so a row reads as "anonymous_cid,<id>,emb,<dim numbers>".
+_COLON_TO_COMMA = bytes.maketrans(b":", b",")
+_SCAFFOLD = b'{}[]" '
+_SCAFFOLD_PER_LINE = 8  # { } [ ] and the keys' four quotes
+
+
+def _native_parse(block: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every line `{"anonymous_cid": <int>, "emb": [<dim numbers>]}` (any spacing): parse with pandas' C reader.
+    None when pandas is absent or any line breaks the layout (blank line, other keys or order, wrong length,
+    a token that is no number such as NaN or null, an id beyond int64): the caller then parses line by line.
+    The checks are whole-block counts (a few ms per 16 MiB; per-line checks would cost more than the parse)."""
+    pd = _pandas()
+    if pd is None:
+        return None
+    flat = block.translate(_COLON_TO_COMMA, _SCAFFOLD)
+    if not flat.startswith(b"anonymous_cid,"):
+        return None
+    cols = [1, *range(3, dim + 3)]
+    # pandas < 3 parses floats with its own fast routine unless asked for round-trip accuracy (3 always has it).
+    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    try:  # one dtype for all columns: a per-column dict costs ~15% at 1024 columns
+        df = pd.read_csv(io.BytesIO(flat), header=None, names=range(dim + 3), usecols=cols, index_col=False,
+                         dtype=np.float64, na_filter=False, skip_blank_lines=False, engine="c", **exact)
+    except (ValueError, OverflowError, TypeError):  # pandas' ParserError is a ValueError
+        return None
+    ids = df[1].to_numpy(np.float64)
+    if not (np.abs(ids) < 2.0**53).all() or not (ids == np.floor(ids)).all():  # beyond float64's exact ints
+        return None
+    # Every row parsed has at least dim + 3 fields (a short one fails above); with these totals each line holds
+    # exactly dim + 3 fields, the layout's scaffolding, and the keys in their places (",emb," can only be
+    # field 2, the fields after it being numbers).
+    n = len(df)
+    if (flat.count(b",") != n * (dim + 2) or len(block) - len(flat) != _SCAFFOLD_PER_LINE * n + block.count(b" ")
+            or flat.count(b",emb,") != n or flat.count(b"\nanonymous_cid,") != n - 1):
+        return None
+    # C order here, in the worker: the frame's block is column-major
+    return ids.astype(np.int64), np.ascontiguousarray(df.iloc[:, 1:].to_numpy(np.float64), dtype=np.float32)
 
 
 def parse_chunk(text: str, dim: int, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +215,10 @@ def _parse_range(task: tuple[str, int, int, int]) -> tuple[np.ndarray, np.ndarra
         if block and not block.endswith(b"\n"):
             block += f.readline()  # finish the last line that starts inside the range
     skipped: dict = {}
-    ids, emb = _drop_nonfinite(*parse_chunk(block.decode("utf-8", errors="replace"), dim, skipped), skipped)
+    parsed = _native_parse(block, dim) if block and not block.isspace() else None
+    if parsed is None:
+        parsed = parse_chunk(block.decode("utf-8", errors="replace"), dim, skipped)
+    ids, emb = _drop_nonfinite(*parsed, skipped)
     return ids, emb, skipped, end - start
 
 
@@ -170,6 +231,8 @@ def _parsed_ranges(tasks: list[tuple[str, int, int, int]]):
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+
+    _pandas()  # imported once here: forked workers inherit it instead of each importing it
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -191,16 +254,36 @@ def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np
     return ids, emb
 
 
+def _pickle_fast(obj: dict, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The common case in one go: int keys, float32 arrays of shape (dim,) (the competition's emb_81_32.pkl).
+    None when any entry differs; the caller then checks entry by entry."""
+    vals = list(obj.values())
+    if not all(type(v) is np.ndarray and v.shape == (dim,) and v.dtype == np.float32 for v in vals) \
+            or not all(type(k) is int for k in obj):
+        return None
+    try:
+        ids = np.fromiter(obj.keys(), dtype=np.int64, count=len(obj))  # a key that is no int64 raises
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return ids, (np.stack(vals) if vals else np.zeros((0, dim), np.float32))
+
+
 def _load_pickle_source(path: Path, dim: int, add: Callable[[np.ndarray, np.ndarray], None], skipped: dict) -> None:
     obj = load_pickle(path)
     if not isinstance(obj, dict):
         raise DataFormatError(f"{path}: expected a dict {{creative_id: vector}}, got {type(obj).__name__}")
+    fast = _pickle_fast(obj, dim)
+    if fast is not None:
+        add(*_drop_nonfinite(*fast, skipped))
+        return
     ids, rows = [], []
     for k, v in obj.items():
         try:
             vec = np.asarray(v, dtype=np.float32).reshape(-1)
             cid = int(k)
-        except (TypeError, ValueError):
+            if not _INT64_MIN <= cid <= _INT64_MAX:
+                raise ValueError("id beyond int64")
+        except (TypeError, ValueError, OverflowError):
             skipped["unparseable"] = skipped.get("unparseable", 0) + 1
             continue
         if vec.shape != (dim,):

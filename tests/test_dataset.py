@@ -212,3 +212,73 @@ def test_user_action_type_is_optional_and_checked(tmp_path):
     (tmp_path / "user_action_type.json").write_text('[1, 2]')
     with pytest.raises(DataFormatError, match="user_action_type.json"):
         load_action_types(tmp_path / "user_action_type.json")
+
+
+def _varied_rows(n: int, dim: int, seed: int = 0, id_max: int = 2**63 - 1) -> tuple[list[str], np.ndarray]:
+    """Lines as real exports write them: shortest round-trip floats over many magnitudes, big and negative ids."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, dim)) * 10.0 ** rng.integers(-12, 6, size=(n, dim))).astype(np.float32)
+    ids = rng.integers(-id_max, id_max, size=n, dtype=np.int64)
+    lines = [json.dumps({"anonymous_cid": int(c), "emb": [float(v) for v in r]}) for c, r in zip(ids, x)]
+    return lines, np.array([json.loads(ln)["emb"] for ln in lines], np.float32)
+
+
+@pytest.mark.parametrize("pandas_on", [True, False])
+def test_first_load_matches_json_loads_with_and_without_pandas(tmp_path, monkeypatch, pandas_on):
+    import dataset.mm_emb as mm
+
+    if pandas_on:
+        pytest.importorskip("pandas")
+    monkeypatch.setenv("GENREC_NO_PANDAS", "" if pandas_on else "1")
+    mm._pandas.cache_clear()
+    lines, ref = _varied_rows(3000, 7)
+    bad = ['{"anonymous_cid": 99999999999999999999999, "emb": [1, 2, 3, 4, 5, 6, 7]}',  # id beyond int64
+           '[' * 100_000 + ']' * 100_000,  # nested deeper than Python's recursion limit
+           '{"anonymous_cid": 8, "emb": [1, 2, 3, 4, 5, 6, 7, 8]}']  # wrong length
+    _emb_folder(tmp_path, 82, 7, lines[:1500] + bad + lines[1500:])
+    monkeypatch.setattr(mm, "_CHUNK_BYTES", 64 << 10)  # many chunks: most clean, one holding the bad lines
+    f = load_feature(tmp_path / "creative_emb", "82", use_cache=False)
+    mm._pandas.cache_clear()
+    assert f.skipped == {"unparseable": 2, "wrong_length": 1}
+    np.testing.assert_array_equal(f.ids, [json.loads(ln)["anonymous_cid"] for ln in lines])
+    np.testing.assert_array_equal(f.emb, ref)  # bit for bit what json.loads -> float32 gives
+
+
+def test_native_parser_takes_clean_chunks_and_refuses_other_layouts(monkeypatch):
+    import dataset.mm_emb as mm
+
+    pytest.importorskip("pandas")
+    monkeypatch.delenv("GENREC_NO_PANDAS", raising=False)
+    mm._pandas.cache_clear()
+    lines, ref = _varied_rows(50, 4, id_max=2**53 - 1)
+    for sep, end in (("\n", "\n"), ("\r\n", ""), ("\r\n", "\r\n")):  # LF, CRLF, with or without the last one
+        ids, emb = mm._native_parse((sep.join(lines) + end).encode(), 4)
+        np.testing.assert_array_equal(emb, ref)
+        assert ids.tolist() == [json.loads(ln)["anonymous_cid"] for ln in lines]
+    for bad in ['{"anonymous_cid": 5, "emb": [1, 2, 3, NaN]}', '{"emb": [1, 2, 3, 4], "anonymous_cid": 5}',
+                '{"anonymous_cid": 5, "emb": [1, 2, 3]}', '{"anonymous_cid": 5, "emb": [1, 2, 3, 4, 5]}',
+                '{"anonymous_cid": 1.5, "emb": [1, 2, 3, 4]}', '{"anonymous_cid": "5", "emb": [1, 2, 3, 4]}',
+                '{"anonymous_cid": 5, "emb": [1, 2, 3, 4], "x": 1}', '{"anonymous_cid": 5, "emb": [1, 2, null, 4]}',
+                '{"anonymous_cid": 18446744073709551616, "emb": [1, 2, 3, 4]}',
+                '{"anonymous_cid": 9007199254740993, "emb": [1, 2, 3, 4]}',  # int64, but not exact in float64
+                '{"anonymous_cid": [5], "emb": [1, 2, 3, 4]}',
+                '{"anonymous_cid": 5, "emb": [1, 2, "3", 4]}', '{"anonymous_cid": 5, "emb": [1, 2, [3], 4]}', '']:
+        block = "\n".join(lines[:2] + [bad] + lines[2:4]).encode()
+        assert mm._native_parse(block, 4) is None, bad  # the line-by-line parser then skips and counts it
+
+
+def test_pickle_layout_common_and_mixed_entries(tmp_path):
+    emb = tmp_path / "creative_emb"
+    emb.mkdir()
+    rows = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    clean = {i + 1: r for i, r in enumerate(rows)}
+    (emb / "emb_81_4.pkl").write_bytes(pickle.dumps(clean))
+    f = load_feature(emb, "81", use_cache=False)
+    assert f.ids.tolist() == list(range(1, 21)) and f.skipped == {}
+    np.testing.assert_array_equal(f.emb, rows)
+    mixed = {**clean, 21: [1.0, 2.0, 3.0, 4.0], "22": np.ones(4), 23: np.ones(3, np.float32), 2**70: rows[0],
+             24: np.array([1, np.nan, 0, 0], np.float32)}
+    (emb / "emb_81_4.pkl").write_bytes(pickle.dumps(mixed))
+    f = load_feature(emb, "81", use_cache=False)
+    assert f.ids.tolist() == [*range(1, 23)]
+    assert f.skipped == {"wrong_length": 1, "unparseable": 1, "non_finite": 1}
