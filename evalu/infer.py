@@ -26,7 +26,7 @@ import torch
 
 from dataset import TestDataset, load_labels
 from dataset.safeio import cache_root, write_json
-from evalu.metrics import rank_metrics, ranks_in_topk
+from model.metrics import rank_metrics, ranks_in_topk
 from evalu.retrieval import topk_faiss, topk_inner_product
 from evalu.semantic_bootstrap import ensure_semantic_ids
 from model.checkpoint import is_checkpoint, load_checkpoint

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dataset import TrainDataset
 from dataset.safeio import is_writable_dir, parse_bool
-from evalu.metrics import rank_metrics, target_ranks
+from .metrics import rank_metrics, target_ranks
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
 from rqvae.fit import resolve_device
