@@ -1,32 +1,45 @@
 """Train the recommender: python train.py --data_dir D --output_dir O [flags]
 
-Env fallbacks: TRAIN_DATA_PATH for --data_dir, TRAIN_CKPT_PATH for --output_dir.
+Env fallbacks: TRAIN_DATA_PATH for --data_dir, TRAIN_CKPT_PATH for --output_dir. Every flag also takes its
+dashed spelling (--data-dir); booleans take true/false, yes/no, on/off or 1/0, and --no_<flag>.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
+if __package__ in (None, ""):  # `python train.py` from anywhere: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dataset.cli import CliError, FlagParser, add_logging_arguments, run_cli, setup_logging
 from model.trainer import TrainConfig, train
+from rqvae.device import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default=os.environ.get("TRAIN_DATA_PATH"))
-    p.add_argument("--output_dir", default=os.environ.get("TRAIN_CKPT_PATH"))
+    p = FlagParser(prog="train.py", description=__doc__)
+    p.add_argument("--data_dir", default=os.environ.get("TRAIN_DATA_PATH"), help="training data (env TRAIN_DATA_PATH)")
+    p.add_argument("--output_dir", default=os.environ.get("TRAIN_CKPT_PATH"),
+                   help="where the checkpoint goes (env TRAIN_CKPT_PATH)")
     TrainConfig.add_arguments(p)
+    add_logging_arguments(p)
     a = p.parse_args(argv)
     if not a.data_dir or not a.output_dir:
         p.error("--data_dir and --output_dir (or TRAIN_DATA_PATH and TRAIN_CKPT_PATH) are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train(TrainConfig.from_args(a))
-    except (OSError, ValueError) as e:
-        logging.error("%s", e)
-        return 1
-    return 0
+    setup_logging(a)
+
+    def body() -> int:
+        if not (Path(a.data_dir) / "seq.jsonl").is_file():
+            raise CliError(f"--data_dir {a.data_dir}: no seq.jsonl there (not a training data folder)")
+        resolve_device(a.device or TrainConfig.device)  # before any output folder exists
+        cfg = TrainConfig.from_args(a)
+        report = train(cfg)
+        print(f"checkpoint -> {cfg.output_dir}" + (f" ({report})" if isinstance(report, str) else ""))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

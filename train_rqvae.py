@@ -1,35 +1,62 @@
 """Pre-generate semantic IDs: python train_rqvae.py --data_dir D --output_dir O [--mm_emb_id 81 82 ...]
 
-Writes O/semantic_id_dict.json, O/rqvae_model.pt, O/rqvae_config.json and O/semantic_id_report.json.
+Writes O/semantic_id_dict.json, O/rqvae_model.pt, O/rqvae_config.json and O/semantic_id_report.json (with --plot
+also O/semantic_id_report.png). Every flag also takes its dashed spelling (--data-dir).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+if __package__ in (None, ""):  # `python train_rqvae.py` from anywhere: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dataset.cli import CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments, run_cli, setup_logging
 from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
+from rqvae.device import resolve_device
+
+log = logging.getLogger("train_rqvae")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="train_rqvae.py", description=__doc__)
     p.add_argument("--data_dir", required=True, help="competition data folder holding creative_emb/")
     p.add_argument("--output_dir", required=True, help="where the IDs, the model and the report go")
     p.add_argument("--mm_emb_id", nargs="+", default=["81"], help="creative_emb feature ids to merge (default 81)")
-    RQVAEConfig.add_arguments(p)
+    add_bool(p, "plot", False, "also write semantic_id_report.png (needs the plot extra: matplotlib)")
+    add_dataclass_arguments(p, RQVAEConfig, help={"device": "auto (cuda when available), cpu, cuda"})
+    add_logging_arguments(p)
     return p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not (Path(args.data_dir) / "creative_emb").is_dir():
+        raise CliError(f"--data_dir {args.data_dir}: no creative_emb/ folder there")
+    resolve_device(args.device or RQVAEConfig.device)  # a missing GPU is one line now, not a traceback later
+    if args.plot:
+        from rqvae.plot import require_matplotlib
+
+        require_matplotlib()
+    sids = generate_semantic_ids_on_demand(args.data_dir, args.mm_emb_id, args, output_dir=args.output_dir,
+                                           model_dir=args.output_dir)
+    if not sids:
+        return 1
+    out = Path(args.output_dir)
+    if args.plot:
+        from rqvae.plot import plot_report
+
+        log.info("wrote %s", plot_report(out / "semantic_id_report.json"))
+    print(f"semantic IDs for {len(sids)} items -> {out / 'semantic_id_dict.json'} "
+          f"(report {out / 'semantic_id_report.json'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        sids = generate_semantic_ids_on_demand(args.data_dir, args.mm_emb_id, args, output_dir=args.output_dir,
-                                               model_dir=args.output_dir)
-    except (OSError, ValueError) as e:
-        logging.error("%s", e)
-        return 1
-    return 0 if sids else 1
+    setup_logging(args)
+    return run_cli(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ cold-start targets (items never seen in training) and on warm ones; mean ± std 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -18,7 +17,8 @@ from pathlib import Path
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from harness import add_run_args, demo_world, fresh_copy, mean_std, metric_cells, ml100k_cold, start, train_and_infer  # noqa: E402
 
@@ -42,7 +42,7 @@ WORLDS = {"demo": {"epochs": 6, "sid_mm_emb_id": ["81", "82"]},  # the IDs see t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--world", choices=list(WORLDS), required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

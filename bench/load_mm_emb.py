@@ -11,7 +11,6 @@ Builds N x D JSON-lines part files and times, each stage in a fresh process (so 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dataset.cli import FlagParser  # noqa: E402
 
 
 def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> None:
@@ -112,7 +113,7 @@ print(json.dumps({{"seconds": dt, "rows": N, "peak_mb": status("VmHWM:"), "base_
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--parts", type=int, default=4)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from dataset.convert_ml100k import _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
 from harness import fresh_copy, mean_std, train_and_infer  # noqa: E402
@@ -89,7 +90,7 @@ def _peer_runs(a: argparse.Namespace, warm: Path, work: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     import peers
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--cold-frac", type=float, default=0.1)

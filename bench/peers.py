@@ -16,7 +16,6 @@ as our trainer does), and the test figures of a rule come from that rule's best 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 from dataset import load_labels  # noqa: E402
 from dataset.seqfile import SeqFile  # noqa: E402
 from model.metrics import rank_metrics, target_ranks  # noqa: E402
@@ -170,7 +170,7 @@ def run_peer(label: str, atomic_root: Path, name: str, seed: int, sequences: dic
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--split", required=True, help="a warm split folder in our format")
     p.add_argument("--models", nargs="+", default=list(PEERS), choices=list(PEERS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

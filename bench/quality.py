@@ -9,7 +9,6 @@ cold-start HR@10 with IDs above without by more than one std, overall score not 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # before bench/: bench/rqvae.py is not the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402
 from harness import add_run_args, demo_world, fresh_copy, metric_cells, start, train_and_infer  # noqa: E402
@@ -28,7 +28,7 @@ MODELS = {"no semantic ID": False, "with semantic ID": True}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--test-users", type=int, default=2000)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -14,11 +13,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 from evalu.retrieval import topk_inner_product  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--candidates", type=int, default=660_000)
     p.add_argument("--dim", type=int, default=64)

@@ -15,7 +15,6 @@ found on disk, never imported.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import FlagParser, add_logging_arguments, setup_logging
 from .safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -159,13 +159,14 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--src", help="folder with ml-100k.inter/.item/.user (default: RecBole's packaged copy)")
     p.add_argument("--cold-frac", type=float, default=0.0, help="share of items kept out of training")
     p.add_argument("--seed", type=int, default=0)
+    add_logging_arguments(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(a)
     convert(a.out, a.src, a.cold_frac, a.seed)
 
 

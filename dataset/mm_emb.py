@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from .cli import progress_disabled
 from .safeio import DataFormatError, atomic_open, cache_root, is_writable_dir, load_pickle, write_json
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
 
         total = sum(f.stat().st_size for f in files)
         bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading mm_emb {fid}",
-                                       leave=False))
+                                       leave=False, disable=progress_disabled()))
         for f in files:
             if f.suffix == ".pkl":
                 _load_pickle_source(f, dim, add, skipped)
@@ -404,7 +405,7 @@ def load_mm_emb(emb_dir: str | os.PathLike, feat_ids: Iterable[str], cache_dir: 
                 use_cache: bool = True) -> dict[str, MMEmbedding]:
     """Load every listed feature that exists; missing ones are warned about and left out."""
     out = {}
-    for fid in tqdm([str(f) for f in feat_ids], desc="Loading mm_emb", leave=False):
+    for fid in tqdm([str(f) for f in feat_ids], desc="Loading mm_emb", leave=False, disable=progress_disabled()):
         feat = load_feature(emb_dir, fid, cache_dir, use_cache)
         if feat is not None:
             out[fid] = feat

@@ -102,14 +102,3 @@ def cache_root() -> Path:
     """Where we keep caches and the demo world: $GENREC_CACHE_DIR, else ~/.cache/genrec."""
     env = os.environ.get("GENREC_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "genrec"
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def parse_bool(text: str) -> bool:
-    """A command-line boolean: true/false, 1/0, yes/no, on/off in any case; anything else is an error naming it."""
-    v = str(text).strip().lower()
-    if v in _TRUE or v in _FALSE:
-        return v in _TRUE
-    raise ValueError(f"{text!r} is not a boolean (use one of {', '.join(_TRUE + _FALSE)})")

@@ -9,7 +9,6 @@ training but does appear in the candidate pool and as test targets.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pickle
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import FlagParser, add_logging_arguments, setup_logging
 from .safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--out", required=True, help="training dir (and eval dir unless --eval-out)")
     p.add_argument("--eval-out", default=None, help="write the evaluation files to this separate dir")
     d = SynthConfig()
@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
     p.add_argument("--cold-frac", type=float, default=d.cold_frac)
     p.add_argument("--mm", nargs="+", default=[f"{a}:{b}" for a, b in d.mm], help="fid:dim of each creative_emb feature")
+    add_logging_arguments(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(a)
     mm = tuple(tuple(int(x) for x in s.split(":")) for s in a.mm)
     cfg = SynthConfig(users=a.users, test_users=a.test_users, items=a.items, topics=a.topics, seed=a.seed,
                       min_len=a.min_len, max_len=a.max_len, cold_frac=a.cold_frac, mm=mm)

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,16 @@ import numpy as np
 import torch
 
 from dataset import TestDataset, load_labels
-from dataset.safeio import cache_root, write_json
+from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
+                         run_cli, setup_logging)
+from dataset.safeio import cache_root, is_writable_dir, write_json
 from model.metrics import rank_metrics, ranks_in_topk
 from evalu.retrieval import topk_faiss, topk_inner_product
 from evalu.semantic_bootstrap import ensure_semantic_ids
 from model.checkpoint import is_checkpoint, load_checkpoint
 from model.recommender import Recommender
 from rqvae import RQVAEConfig
-from rqvae.fit import peak_memory_mb, resolve_device
+from rqvae.device import peak_memory_mb, resolve_device
 
 log = logging.getLogger("evalu.infer")
 
@@ -49,39 +51,56 @@ class InferConfig:
     allow_semantic_generation: bool = True  # ALLOW_SEMANTIC_GENERATION
     filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
     retrieval: str = "torch"  # torch | faiss
-    labels: str | None = None  # labels file for metrics (the demo world has one)
+    labels: str | None = None  # labels file for metrics; default: the data dir's labels.jsonl when there is one
     query_batch_size: int = 512
     device: str = "auto"
+
+    CHOICES = {"retrieval": ("torch", "faiss")}
+    HELP = {"data_dir": "eval data dir (env EVAL_DATA_PATH)", "result_dir": "where result.json goes (env EVAL_RESULT_PATH)",
+            "model_dir": "checkpoint folder, or a folder of them: the newest wins (env MODEL_OUTPUT_PATH)",
+            "mm_emb_id": "creative_emb features for new semantic IDs (default: the checkpoint RQ-VAE's, else 81)",
+            "allow_semantic_generation": "make missing semantic IDs (env ALLOW_SEMANTIC_GENERATION)",
+            "filter_seen": "never recommend items already in the user's history (default: what the checkpoint's "
+                           "validation chose, see train.py --filter_seen)",
+            "retrieval": "exact top-10 backend", "labels": "labels file ({user_id, creative_id, action_type} per "
+                                                          "line) for metrics; default: the data dir's labels.jsonl, if any",
+            "query_batch_size": "users embedded per batch",
+            "device": "inference device, and the RQ-VAE's when IDs are made: auto (cuda when available), cpu, cuda"}
 
     @classmethod
     def from_env_and_args(cls, a: argparse.Namespace) -> "InferConfig":
         env = os.environ
-        gen = env.get("ALLOW_SEMANTIC_GENERATION", "true").strip().lower() not in ("0", "false", "no", "off")
-        d = dict(data_dir=env.get("EVAL_DATA_PATH"), result_dir=env.get("EVAL_RESULT_PATH"),
-                 model_dir=env.get("MODEL_OUTPUT_PATH"), allow_semantic_generation=gen)
-        names = {f.name for f in fields(cls)}
-        d.update({k: v for k, v in vars(a).items() if k in names and v is not None})
-        return cls(**d)
+        d = dict(data_dir=env.get("EVAL_DATA_PATH") or None, result_dir=env.get("EVAL_RESULT_PATH") or None,
+                 model_dir=env.get("MODEL_OUTPUT_PATH") or None,
+                 allow_semantic_generation=env_bool("ALLOW_SEMANTIC_GENERATION", True))
+        return from_namespace(cls, {**d, **{k: v for k, v in vars(a).items() if v is not None}})
+
+    def check(self) -> None:
+        """Wrong values found before any work (and before any folder is made): CliError, one line."""
+        if self.query_batch_size < 1:
+            raise CliError(f"--query_batch_size must be >= 1, got {self.query_batch_size}")
+        if self.retrieval == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise CliError("--retrieval faiss needs faiss (pip install faiss-cpu, or the bench extra); "
+                               "--retrieval torch needs nothing") from None
+        if self.labels and not Path(self.labels).is_file():
+            raise CliError(f"--labels {self.labels}: no such file")
+        for name in ("data_dir", "model_dir"):
+            path = getattr(self, name)
+            if path and not Path(path).is_dir():
+                raise CliError(f"--{name} {path}: no such folder")
+        resolve_device(self.device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", help="eval data dir (env EVAL_DATA_PATH)")
-    p.add_argument("--result_dir", help="where result.json goes (env EVAL_RESULT_PATH)")
-    p.add_argument("--model_dir", help="checkpoint folder (env MODEL_OUTPUT_PATH)")
-    p.add_argument("--mm_emb_id", nargs="+", help="creative_emb features for new semantic IDs")
-    p.add_argument("--allow_semantic_generation", type=lambda s: s.lower() in ("1", "true", "yes", "on"),
-                   help="true/false (env ALLOW_SEMANTIC_GENERATION, default true)")
-    p.add_argument("--filter-seen", "--filter_seen", dest="filter_seen", action="store_true", default=None,
-                   help="never recommend items already in the user's history (default: what the checkpoint's "
-                        "validation chose, see train.py --filter_seen)")
-    p.add_argument("--no-filter-seen", "--no_filter_seen", dest="filter_seen", action="store_false",
-                   help="rank every candidate, history items included")
-    p.add_argument("--retrieval", choices=("torch", "faiss"), help="exact top-10 backend (default torch)")
-    p.add_argument("--labels", help="labels file ({user_id, creative_id, action_type} per line) for metrics")
-    p.add_argument("--query_batch_size", type=int)
+    p = FlagParser(prog="infer.py", description=__doc__)
+    taken: set[str] = set()
+    add_dataclass_arguments(p, InferConfig, taken=taken)
     g = p.add_argument_group("RQ-VAE (only when new semantic IDs must be trained)")
-    RQVAEConfig.add_arguments(g)
+    add_dataclass_arguments(g, RQVAEConfig, taken=taken)
+    add_logging_arguments(p)
     return p.parse_args(argv)
 
 
@@ -148,13 +167,16 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
 def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
     """Everything but writing files: (top10s, users, report)."""
     t = {"start": time.perf_counter()}
+    cfg.check()
     if not (cfg.data_dir or cfg.result_dir or cfg.model_dir):
         cfg = _demo_paths(cfg)
     if not (cfg.data_dir and cfg.model_dir and cfg.result_dir):
-        raise ValueError("set --data_dir/--model_dir/--result_dir (or EVAL_DATA_PATH, MODEL_OUTPUT_PATH, "
-                         "EVAL_RESULT_PATH), or none of them for the demo")
+        raise CliError("set --data_dir/--model_dir/--result_dir (or EVAL_DATA_PATH, MODEL_OUTPUT_PATH, "
+                       "EVAL_RESULT_PATH), or none of them for the demo")
+    if cfg.labels is None and (Path(cfg.data_dir) / "labels.jsonl").is_file():
+        cfg = replace(cfg, labels=str(Path(cfg.data_dir) / "labels.jsonl"))
+    t["setup"] = time.perf_counter()  # the demo world and its model are made here on a first run
     result_dir = Path(cfg.result_dir)
-    result_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     ckpt = _find_checkpoint(Path(cfg.model_dir))
     model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
@@ -163,6 +185,9 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir])
     log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
     t["load_data"] = time.perf_counter()
+    # Only now, with model and data read, does the results folder come to be (a failed run leaves none).
+    if not is_writable_dir(result_dir):
+        raise PermissionError(f"results folder {result_dir} cannot be written")
     if model.cfg.use_semantic_ids:
         boot = ensure_semantic_ids(ds, result_dir, rq, (meta.get("rqvae") or {}).get("features"), trained_ids,
                                    cfg.allow_semantic_generation, cfg.mm_emb_id, rq_args)
@@ -185,11 +210,15 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
                               "device": str(device)}
     labels_path = cfg.labels
     if labels_path and Path(labels_path).is_file():
-        report["metrics"] = evaluate(top10s, ds.users, labels_path, set(ds.indexer["i"].keys()))
-        for name, m in report["metrics"].items():
+        try:  # metrics are extra: a bad labels file never costs the results
+            report["metrics"] = evaluate(top10s, ds.users, labels_path, set(ds.indexer["i"].keys()))
+        except (ValueError, OSError) as e:
+            log.warning("no metrics: %s", e)
+            report["metrics_error"] = str(e)
+        for name, m in report.get("metrics", {}).items():
             log.info("%s: HR@10 %.4f  NDCG@10 %.4f  score %.4f  (%d users)", name, m["hr@10"], m["ndcg@10"],
                      m["score"], m["users"])
-    stages = ["start", "load_model", "load_data", "semantic_ids", "embed", "retrieve"]
+    stages = ["start", "setup", "load_model", "load_data", "semantic_ids", "embed", "retrieve"]
     report["seconds"] = {b: round(t[b] - t[a], 3) for a, b in zip(stages, stages[1:])}
     report["seconds"]["total"] = round(time.perf_counter() - t["start"], 3)
     report["memory"] = peak_memory_mb(device)
@@ -216,20 +245,27 @@ def infer(args: argparse.Namespace | None = None) -> tuple[list[list[int]], list
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    setup_logging(args)
+    return run_cli(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     cfg = InferConfig.from_env_and_args(args)
     t0 = time.perf_counter()
-    try:
-        top10s, users, report = run(cfg, args)
-    except (OSError, ValueError) as e:
-        log.error("%s", e)
-        return 1
+    top10s, users, report = run(cfg, args)
     result_dir = Path(report["result_dir"])  # run() resolved it (the demo's, when no paths are set)
     write_json(result_dir / RESULT_FILE, {"time": round(time.perf_counter() - t0, 3), "top10s": top10s, "user": users},
                compact=True)
     write_json(result_dir / REPORT_FILE, report)
     log.info("wrote %s and %s (%d users)", result_dir / RESULT_FILE, result_dir / REPORT_FILE, len(users))
+    # The summary, on stdout (logs go to stderr).
+    sid = report.get("semantic_id", {})
+    print(f"{len(users)} users x {report['candidates']} candidates in {report['seconds']['total']:.1f} s; "
+          f"semantic IDs: {sid.get('status', '?')}; history filtering {'on' if report['filter_seen'] else 'off'}")
+    for name, m in report.get("metrics", {}).items():
+        print(f"  {name:10s} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  score {m['score']:.4f}  ({m['users']} users)")
+    print(f"results: {result_dir / RESULT_FILE}\nreport:  {result_dir / REPORT_FILE}")
     return 0
 
 

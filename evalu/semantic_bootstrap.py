@@ -103,7 +103,9 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                         raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
                     ds.rebuild()
                     res.status = "encoded" if rqvae is not None else "trained"
-                    log.info("generated semantic_id for %d items", len(ds.semantic_id_dict))
+                    made = len(ds.semantic_id_dict) - int(rep.get("reused_ids", 0))
+                    log.info("generated semantic_id for %d items (%d newly made, %d reused from the checkpoint)",
+                             len(ds.semantic_id_dict), made, int(rep.get("reused_ids", 0)))
     except Exception as e:  # degrade, never die: inference works without semantic IDs
         res.status = "failed"
         res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); continuing with default semantic IDs"

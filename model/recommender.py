@@ -52,6 +52,8 @@ class ModelConfig:
     use_semantic_ids: bool = True
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
 
+    CHOICES = {"sid_embedding": ("prefix", "level")}  # for the CLI
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import TrainDataset
-from dataset.safeio import is_writable_dir, parse_bool
+from dataset.cli import add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
+from dataset.safeio import is_writable_dir
 from .metrics import rank_metrics, target_ranks
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
-from rqvae.fit import resolve_device
+from rqvae.device import resolve_device
 
 from .checkpoint import save_checkpoint
 from .recommender import ModelConfig, Recommender
@@ -64,41 +65,36 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "TrainConfig":
-        m = ModelConfig.from_dict({k: v for k, v in vars(a).items() if v is not None})
-        own = {f.name for f in fields(cls)} - {"model"}
-        return cls(model=m, **{k: v for k, v in vars(a).items() if k in own and v is not None})
+        """The flags given; every other field takes today's default (not ModelConfig.from_dict, whose missing
+        fields mean an old checkpoint's behaviour)."""
+        return from_namespace(cls, a, model=from_namespace(ModelConfig, a))
+
+    # For the CLI (dataset.cli.add_dataclass_arguments).
+    CHOICES = {"sid_method": METHODS}
+    ALIASES = {"epochs": ("num_epochs",)}  # train_rqvae.py says --num_epochs
+    HELP = {"filter_seen": "validation rule and infer.py's default: rank without history items (true), all items "
+                           "(false), or whichever validates better (auto)",
+            "device": "auto (cuda when available), cpu, cuda",
+            "random_window": "long sequences train on a window ending at a random position each epoch",
+            "sid_mm_emb_id": "features for new semantic IDs (default: --mm_emb_id)",
+            "sid_method": "how new semantic IDs are made when the data dir has none"}
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        d = cls()
-        for name in ("epochs", "batch_size", "num_workers", "seed"):
-            p.add_argument(f"--{name}", type=int, default=None, help=f"default {getattr(d, name)}")
-        for name in ("lr", "weight_decay"):
-            p.add_argument(f"--{name}", type=float, default=None, help=f"default {getattr(d, name)}")
-        p.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda")
-        p.add_argument("--filter_seen", choices=FILTER_RULES, default=None,
-                       help="validation rule and infer.py's default: rank without history items (true), all items "
-                            "(false), or whichever validates better (auto, the default)")
-        p.add_argument("--sid_mm_emb_id", nargs="+", default=None, help="features for new semantic IDs (default: --mm_emb_id)")
-        p.add_argument("--random_window", type=_bool_arg, default=None,
-                       help=f"true/false, default {d.random_window}: long sequences train on a random window")
-        p.add_argument("--sid_method", choices=METHODS, default=None, help=f"how new semantic IDs are made, default {d.sid_method}")
-        m = ModelConfig()
-        for f in fields(ModelConfig):
-            val = getattr(m, f.name)
-            if isinstance(val, bool):
-                p.add_argument(f"--{f.name}", type=_bool_arg, default=None, help=f"true/false, default {val}")
-            elif isinstance(val, list):
-                p.add_argument(f"--{f.name}", nargs="+", default=None, help=f"default {' '.join(val)}")
-            else:
-                p.add_argument(f"--{f.name}", type=type(val), default=None, help=f"default {val}")
+        """train.py's flags: this config's fields and the model's, one flag each (data/output dirs aside)."""
+        taken = {"data_dir", "output_dir"}
+        add_dataclass_arguments(p, cls, skip={"model"}, taken=taken, types={"filter_seen": filter_rule})
+        add_dataclass_arguments(p, ModelConfig, taken=taken)
 
 
-def _bool_arg(text: str) -> bool:
+def filter_rule(text: str) -> str:
+    """--filter_seen's value: auto, or any boolean word (true/false, yes/no, on/off, 1/0)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
     try:
-        return parse_bool(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+        return "true" if parse_bool(text) else "false"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a boolean (true/false, yes/no, on/off, 1/0)") from None
 
 
 @torch.no_grad()
@@ -195,7 +191,7 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         tot, steps = 0.0, 0
-        for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False):
+        for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model.loss(batch, gen)
             opt.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""RQ-VAE configuration: defaults are the documented ones; CLI flags map onto the fields one to one."""
+"""RQ-VAE configuration: defaults are the documented ones; CLI flags map onto the fields one to one (through
+dataset.cli.add_dataclass_arguments in the CLIs: this module stays free of argparse plumbing)."""
 from __future__ import annotations
 
 import argparse
@@ -58,20 +59,6 @@ class RQVAEConfig:
         src = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, Mapping) else vars(args))
         return cls.from_dict({k: v for k, v in src.items() if v is not None})
 
-    @classmethod
-    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        """One flag per field, named as the field (`--num_quantizers`), defaulting to None (= the dataclass default)."""
-        for f in fields(cls):
-            default = f.default
-            if f.name == "hidden_dims":
-                p.add_argument("--hidden_dims", type=int, nargs="+", default=None, help=f"default {list(default)}")
-            elif f.type in ("bool", bool):
-                p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{'on' if default else 'off'} by default")
-            elif f.name == "method":
-                p.add_argument("--method", choices=METHODS, default=None, help=f"default {default}")
-            elif f.name == "kmeans_init":
-                p.add_argument("--kmeans_init", choices=KMEANS_INITS, default=None, help=f"default {default}")
-            else:
-                typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-                p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {default}")
+    # For the CLIs (dataset.cli.add_dataclass_arguments): allowed values and the other accepted flag names.
+    CHOICES = {"method": METHODS, "kmeans_init": KMEANS_INITS}
+    ALIASES = {"num_epochs": ("epochs",)}  # train.py says --epochs

@@ -6,7 +6,6 @@ DataLoader, no per-batch host copies). On CUDA OOM the batch is halved, then the
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from typing import Any
 
@@ -15,25 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import RQVAEConfig
+from .device import peak_memory_mb, resolve_device
 from .model import PCA, RQVAE
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
-    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device is not None and device.type == "cuda":
-        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
 
 
 def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -112,9 +98,16 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
     model.eval()
     with torch.no_grad():
         xs = x_std[sample]
-        codes, _ = model.quantizer.encode(model.encoder(xs))
+        z = model.encoder(xs).float()
+        codes, _ = model.quantizer.encode(z)
         z_q = model.quantizer.decode(codes)
         report["recon_mse"] = float(F.mse_loss(model.decoder(z_q).float(), xs))  # on standardised input: share of variance lost
+        # share of the quantizer input's energy left after each level (what the next level has to work with)
+        r, energy, left = z.clone(), float((z * z).sum().clamp_min(1e-12)), []
+        for lvl in range(codes.shape[1]):
+            r -= model.quantizer.codebooks[lvl][codes[:, lvl]]
+            left.append(float((r * r).sum()) / energy)
+        report["residual_by_level"] = left
     report["seconds"] = {k: round(t[k] - t[p], 4) for p, k in zip(["start", "normalise", "kmeans_init"],
                                                                   ["normalise", "kmeans_init", "train"])}
     del x_std

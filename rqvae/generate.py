@@ -17,7 +17,8 @@ from dataset.semantic_ids import SEMANTIC_ID_FILE, save_semantic_ids
 
 from .config import RQVAEConfig
 from .dedup import dedup_codes
-from .fit import encode, fit, peak_memory_mb
+from .device import peak_memory_mb
+from .fit import encode, fit
 from .model import RQVAE
 from .stats import collision_stats, level_stats
 
@@ -146,7 +147,8 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
     report["features"] = {f: {"items": len(e), "dim": e.dim, "skipped": e.skipped} for f, e in feats.items()}
     report.setdefault("seconds", {})["load"] = round(t_load, 3)
     report.update(_coverage(data_path, np.fromiter(sids.keys(), np.int64, len(sids))))
-    log.info("generated semantic_id for %d items", len(sids))
+    log.info("generated semantic_id for %d items (%d newly made, %d reused)", len(sids), len(sids) - len(known),
+             len(known))
     path = out / SEMANTIC_ID_FILE
     save_semantic_ids(path, sids)
     write_json(out / REPORT_FILE, report)

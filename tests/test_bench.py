@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.fixture
 def bench_path(monkeypatch):
-    monkeypatch.setattr(sys, "path", sys.path + [str(BENCH)])  # last: bench/rqvae.py must not shadow the package
+    monkeypatch.setattr(sys, "path", sys.path + [str(BENCH)])
 
 
 def test_quality_bench_reports_both_models_and_the_targets(bench_path, tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_converter_writes_a_competition_directory(tmp_path):
 
 
 def test_benchmark_runs_end_to_end_on_a_slice(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "path", sys.path + [str(ROOT / "bench")])  # last: bench/rqvae.py must not shadow rqvae
+    monkeypatch.setattr(sys, "path", sys.path + [str(ROOT / "bench")])
     import ml100k
 
     res = ml100k.main(["--seeds", "0", "--epochs", "1", "--max-users", "60", "--peers", "GRU4Rec",

@@ -280,10 +280,13 @@ def test_an_rqkmeans_saved_before_pca_loads_as_it_was_made(tmp_path):
 
 
 def test_boolean_flags_turn_both_ways():
-    import argparse
+    from dataset.cli import FlagParser, add_dataclass_arguments
 
-    p = argparse.ArgumentParser()
-    RQVAEConfig.add_arguments(p)
+    p = FlagParser()
+    add_dataclass_arguments(p, RQVAEConfig)
     assert RQVAEConfig.from_args(p.parse_args([])).balanced is True
     assert RQVAEConfig.from_args(p.parse_args(["--no-balanced"])).balanced is False
+    assert RQVAEConfig.from_args(p.parse_args(["--balanced", "off"])).balanced is False
     assert RQVAEConfig.from_args(p.parse_args(["--dedup"])).dedup is True
+    assert RQVAEConfig.from_args(p.parse_args(["--epochs", "3"])).num_epochs == 3  # train.py's name is accepted
+    assert RQVAEConfig.from_args(p.parse_args(["--hidden-dims", "64", "32"])).hidden_dims == (64, 32)

@@ -14,11 +14,10 @@ Methods
 Columns: seconds (train + encode), collision rate (1 - unique/N), largest group, codes used per level,
 perplexity per level, and how often an item and its 10 nearest neighbours share the first code.
 
-    python bench/rqvae.py [--sets 50kx32 real 200kx1024] [--device cpu|cuda] [--methods ...]
+    python bench/semantic_ids.py [--sets 50kx32 real 200kx1024] [--device cpu|cuda] [--methods ...]
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset.cli import FlagParser  # noqa: E402
 from rqvae import RQVAEConfig, encode, fit  # noqa: E402
 from rqvae.dedup import dedup_codes  # noqa: E402
 from rqvae.stats import collision_stats, level_stats  # noqa: E402
@@ -153,7 +153,7 @@ def load_set(name: str) -> np.ndarray:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__)
     p.add_argument("--sets", nargs="+", default=["50kx32", "real"])
     p.add_argument("--methods", nargs="+", default=["ours", "ours+dedup", "ours rqkmeans", "public recipe", "faiss RQ b1"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
