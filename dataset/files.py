@@ -15,6 +15,9 @@ from .safeio import DataFormatError, load_pickle
 log = logging.getLogger(__name__)
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def load_indexer(path: str | os.PathLike) -> dict:
     """indexer.pkl: {'u': {raw_uid: reid}, 'i': {creative_id: reid}, 'f': {fid: {raw: reid}}}."""
     idx = load_pickle(path)
@@ -55,20 +58,40 @@ class CandidatePool:
 
 
 def load_predict_set(path: str | os.PathLike) -> CandidatePool:
-    """predict_set.jsonl: one candidate per line; a malformed line fails with its line number."""
+    """predict_set.jsonl: one candidate per line. A bad line (no JSON object, an id that is no int64, features
+    that are no dict) or a creative id seen before is skipped and counted, with one warning naming the file and
+    the first such line: the pool stays usable, and no item can appear twice in a top-10."""
     path = Path(path)
     cids, rids, feats = [], [], []
-    with open(path, encoding="utf-8") as f:
+    seen: set[int] = set()
+    skipped: dict[str, int] = {}
+    first_bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                cids.append(int(obj["creative_id"]))
-                rids.append(int(obj.get("retrieval_id", len(rids))))
-                feats.append(obj.get("features") or {})
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataFormatError(f"{path}: line {n}: bad candidate: {e!r}") from e
+                cid = int(obj["creative_id"])
+                rid = int(obj.get("retrieval_id", len(rids)))
+                feat = obj.get("features") or {}
+                if not (_INT64_MIN <= cid <= _INT64_MAX and _INT64_MIN <= rid <= _INT64_MAX) or not isinstance(feat, dict):
+                    raise ValueError("id beyond int64 or features not an object")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+                first_bad = first_bad or n
+                continue
+            if cid in seen:
+                skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+                first_bad = first_bad or n
+                continue
+            seen.add(cid)
+            cids.append(cid)
+            rids.append(rid)
+            feats.append(feat)
+    if skipped:
+        log.warning("%s: skipped %d candidate lines (%s; first at line %d)", path, sum(skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), first_bad)
     return CandidatePool(np.asarray(cids, np.int64), np.asarray(rids, np.int64), feats)
 
 

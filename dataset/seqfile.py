@@ -41,6 +41,28 @@ def _as_offsets(obj: Any, path: Path) -> np.ndarray:
     return arr
 
 
+def _stale(offsets: np.ndarray, path: Path) -> str | None:
+    """Why `offsets` cannot be the line starts of `path` (None when they fit): out of the file, not increasing,
+    not at a line start, or lines after the last one (the file grew since the offsets were written)."""
+    size = path.stat().st_size
+    if not len(offsets):
+        return "no offsets" if size and open(path, "rb").read().strip() else None
+    if offsets.min() < 0 or offsets.max() >= size:
+        return "offsets point outside the file (stale?)"
+    if len(offsets) > 1 and not (np.diff(offsets) > 0).all():
+        return "offsets are not increasing (stale?)"
+    with open(path, "rb") as f:
+        data = np.memmap(f, dtype=np.uint8, mode="r")
+        starts = offsets[offsets > 0]
+        if len(starts) and not (data[starts - 1] == ord("\n")).all():
+            return "an offset is not at a line start (stale?)"
+        f.seek(int(offsets[-1]))
+        f.readline()
+        if f.read().strip():
+            return "the file has lines after the last offset (it grew since the offsets were written)"
+    return None
+
+
 class SeqFile:
     """`seq[i]` is the parsed JSON list of line i. Offsets come from `offsets_path`, rebuilt when missing."""
 
@@ -49,11 +71,14 @@ class SeqFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"sequence file not found: {self.path}")
         offsets_path = Path(offsets_path) if offsets_path else self.path.with_name(self.path.stem + "_offsets.pkl")
-        size = self.path.stat().st_size
         if offsets_path.is_file():
-            self.offsets = _as_offsets(load_pickle(offsets_path), offsets_path)
-            if len(self.offsets) and (self.offsets.min() < 0 or self.offsets.max() >= size):
-                log.warning("%s: offsets point outside %s (stale file?); rebuilding by scanning", offsets_path, self.path.name)
+            try:
+                self.offsets = _as_offsets(load_pickle(offsets_path), offsets_path)
+                why = _stale(self.offsets, self.path)
+            except DataFormatError as e:  # the offsets can always be derived from the file itself
+                why = str(e)
+            if why:
+                log.warning("%s: %s; rebuilding offsets by scanning %s", offsets_path.name, why, self.path.name)
                 self.offsets = scan_offsets(self.path)
         else:
             log.warning("%s missing; rebuilding offsets by scanning %s", offsets_path.name, self.path)

@@ -54,6 +54,7 @@ class InferConfig:
     labels: str | None = None  # labels file for metrics; default: the data dir's labels.jsonl when there is one
     query_batch_size: int = 512
     device: str = "auto"
+    plot: bool = False  # draw semantic_id_report.png when the bootstrap makes IDs (needs matplotlib)
 
     CHOICES = {"retrieval": ("torch", "faiss")}
     HELP = {"data_dir": "eval data dir (env EVAL_DATA_PATH)", "result_dir": "where result.json goes (env EVAL_RESULT_PATH)",
@@ -65,6 +66,7 @@ class InferConfig:
             "retrieval": "exact top-10 backend", "labels": "labels file ({user_id, creative_id, action_type} per "
                                                           "line) for metrics; default: the data dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
+            "plot": "when the bootstrap makes IDs, also draw semantic_id_report.png beside its report (needs matplotlib)",
             "device": "inference device, and the RQ-VAE's when IDs are made: auto (cuda when available), cpu, cuda"}
 
     @classmethod
@@ -85,6 +87,13 @@ class InferConfig:
             except ImportError:
                 raise CliError("--retrieval faiss needs faiss (pip install faiss-cpu, or the bench extra); "
                                "--retrieval torch needs nothing") from None
+        if self.plot:
+            from rqvae.plot import require_matplotlib
+
+            try:
+                require_matplotlib()
+            except ImportError as e:
+                raise CliError(str(e)) from None
         if self.labels and not Path(self.labels).is_file():
             raise CliError(f"--labels {self.labels}: no such file")
         for name in ("data_dir", "model_dir"):
@@ -192,6 +201,15 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
         boot = ensure_semantic_ids(ds, result_dir, rq, (meta.get("rqvae") or {}).get("features"), trained_ids,
                                    cfg.allow_semantic_generation, cfg.mm_emb_id, rq_args)
         boot_info = asdict(boot)
+        rep_path = Path(boot.path).parent / "semantic_id_report.json" if boot.path else None
+        if cfg.plot and boot.generation and rep_path is not None and rep_path.is_file():
+            from rqvae.plot import plot_report
+
+            try:  # a picture is extra: never the reason a run fails
+                boot_info["plot"] = str(plot_report(rep_path))
+                log.info("wrote %s", boot_info["plot"])
+            except (OSError, ValueError) as e:
+                log.warning("no semantic-ID picture: %s", e)
     else:
         boot_info = {"status": "unused (the model was trained without semantic IDs)"}
     t["semantic_ids"] = time.perf_counter()

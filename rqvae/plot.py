@@ -42,6 +42,8 @@ def plot_report(report_path: str | os.PathLike, out: str | os.PathLike | None = 
     if sizes:
         s = np.array(sorted(sizes))
         ax[1].bar(s, [sizes[k] * k for k in s], width=0.8)
+        if len(s) <= 12:
+            ax[1].set_xticks(s)
     ax[1].set(title=f"collision groups (rate {rep.get('collision_rate', 0):.4f}, largest {rep.get('largest_group', 0)})",
               xlabel="items sharing one ID", ylabel="items", yscale="log")
     fit = rep.get("fit") or {}
@@ -53,6 +55,7 @@ def plot_report(report_path: str | os.PathLike, out: str | os.PathLike | None = 
               xlabel="level", ylabel="share of the quantizer input", ylim=(0, 1))
     fig.suptitle(f"{rep.get('items', 0)} items, method {fit.get('method', '?')}")
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)

@@ -175,3 +175,14 @@ def test_console_scripts_are_declared_and_point_at_mains():
     for target in scripts.values():
         mod, fn = target.split(":")
         assert callable(getattr(importlib.import_module(mod), fn))
+
+
+def test_bootstrap_draws_the_picture_when_asked(world, checkpoint, tmp_path):
+    pytest.importorskip("matplotlib")
+    from evalu.infer import main
+
+    _, ev = world
+    assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(tmp_path / "r"),
+                 "--plot"]) == 0
+    rep = json.loads((tmp_path / "r" / "infer_report.json").read_text())
+    assert Path(rep["semantic_id"]["plot"]).read_bytes()[:4] == b"\x89PNG"

@@ -282,3 +282,53 @@ def test_pickle_layout_common_and_mixed_entries(tmp_path):
     f = load_feature(emb, "81", use_cache=False)
     assert f.ids.tolist() == [*range(1, 23)]
     assert f.skipped == {"wrong_length": 1, "unparseable": 1, "non_finite": 1}
+
+
+@pytest.mark.parametrize("change", ["append", "zeros", "shifted", "garbage"])
+def test_stale_offsets_are_rebuilt_with_a_warning(tmp_path, caplog, change):
+    from dataset.seqfile import SeqFile
+
+    lines = [json.dumps([[f"u{i}", i, None, {}, 1, i]]) for i in range(30)]
+    p = tmp_path / "predict_seq.jsonl"
+    p.write_text("\n".join(lines[:20]) + "\n")
+    offs = SeqFile(p).offsets.tolist()
+    if change == "append":  # 10 users added, the old offsets kept
+        p.write_text("\n".join(lines) + "\n")
+    elif change == "zeros":
+        offs = [0] * len(offs)
+    elif change == "shifted":
+        offs = [o + 1 for o in offs]
+    (tmp_path / "predict_seq_offsets.pkl").write_bytes(pickle.dumps(offs if change != "garbage" else "nonsense"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        seq = SeqFile(p)
+    assert "rebuilding offsets" in caplog.text
+    n = 30 if change == "append" else 20
+    assert len(seq) == n and [seq[i][0][0] for i in range(n)] == [f"u{i}" for i in range(n)]
+
+
+def test_fitting_offsets_are_used_silently(tmp_path, caplog):
+    from dataset.seqfile import SeqFile
+
+    p = tmp_path / "seq.jsonl"
+    p.write_text("".join(json.dumps([[i, i, None, {}, 1, i]]) + "\n" for i in range(5)))
+    (tmp_path / "seq_offsets.pkl").write_bytes(pickle.dumps(SeqFile(p).offsets.tolist()))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(SeqFile(p)) == 5
+    assert "rebuilding" not in caplog.text
+
+
+def test_candidate_pool_skips_bad_and_duplicate_lines(tmp_path, caplog):
+    from dataset.files import load_predict_set
+
+    rows = [{"creative_id": i, "retrieval_id": i, "features": {"100": 1}} for i in range(1, 6)]
+    lines = [json.dumps(r) for r in rows]
+    lines += [lines[2], json.dumps({"creative_id": 2**70, "retrieval_id": 9}),
+              json.dumps({"creative_id": 8, "features": [1, 2]}), "[" * 100_000, "not json", lines[0]]
+    p = tmp_path / "predict_set.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        pool = load_predict_set(p)
+    assert pool.creative_ids.tolist() == [1, 2, 3, 4, 5]
+    assert "skipped 6 candidate lines (duplicate: 2, unreadable: 4; first at line 6)" in caplog.text
