@@ -19,7 +19,7 @@ from rqvae.device import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = FlagParser(prog="train.py", description=__doc__)
+    p = FlagParser(description=__doc__)
     p.add_argument("--data_dir", default=os.environ.get("TRAIN_DATA_PATH"), help="training data (env TRAIN_DATA_PATH)")
     p.add_argument("--output_dir", default=os.environ.get("TRAIN_CKPT_PATH"),
                    help="where the checkpoint goes (env TRAIN_CKPT_PATH)")

@@ -21,7 +21,7 @@ log = logging.getLogger("train_rqvae")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = FlagParser(prog="train_rqvae.py", description=__doc__)
+    p = FlagParser(description=__doc__)
     p.add_argument("--data_dir", required=True, help="competition data folder holding creative_emb/")
     p.add_argument("--output_dir", required=True, help="where the IDs, the model and the report go")
     p.add_argument("--mm_emb_id", nargs="+", default=["81"], help="creative_emb feature ids to merge (default 81)")

@@ -104,7 +104,7 @@ class InferConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = FlagParser(prog="infer.py", description=__doc__)
+    p = FlagParser(description=__doc__)
     taken: set[str] = set()
     add_dataclass_arguments(p, InferConfig, taken=taken)
     g = p.add_argument_group("RQ-VAE (only when new semantic IDs must be trained)")
