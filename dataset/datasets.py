@@ -5,7 +5,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,8 +25,13 @@ class _Base(Dataset):
 
     def __init__(self, data_dir: str | os.PathLike, schema: FeatureSchema | None = None,
                  mm_emb_ids: Iterable[str] = ("81",), maxlen: int = 100,
-                 sid_dirs: Iterable[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None):
+                 sid_dirs: Iterable[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None,
+                 sid_accept: Callable[[Path, dict[int, list[int]]], str | None] | None = None):
+        """`sid_accept(path, ids)`: why an IDs file must not be used (None: use it); inference passes a check
+        that the file belongs to the checkpoint's RQ-VAE. Refused files are listed in `semantic_id_rejected`."""
         self.data_dir = Path(data_dir)
+        self.sid_accept = sid_accept
+        self.semantic_id_rejected: list[tuple[Path, str]] = []
         self.maxlen = maxlen
         self.sid_dirs = [self.data_dir, *[Path(d) for d in sid_dirs]]
         self.indexer = load_indexer(self.data_dir / "indexer.pkl")
@@ -46,17 +51,23 @@ class _Base(Dataset):
     def _load_semantic_ids(self) -> None:
         """The first readable `semantic_id_dict.json` among `sid_dirs`; corrupt ones are reported and skipped."""
         self.semantic_id_dict, self.semantic_id_path, self.semantic_id_error = {}, None, None
+        self.semantic_id_rejected = []
         for d in self.sid_dirs:
             path = find_semantic_id_file(d)
             if path is None:
                 continue
             try:
-                self.semantic_id_dict, _ = load_semantic_ids(path, self.schema.sid_levels, self.schema.sid_codebook)
-                self.semantic_id_path = path
-                return
+                ids, _ = load_semantic_ids(path, self.schema.sid_levels, self.schema.sid_codebook)
             except CorruptSemanticIdFile as e:
                 log.warning("semantic IDs unusable: %s", e)
                 self.semantic_id_error = str(e)
+                continue
+            why = self.sid_accept(path, ids) if self.sid_accept is not None else None
+            if why:
+                self.semantic_id_rejected.append((path, why))
+                continue
+            self.semantic_id_dict, self.semantic_id_path = ids, path
+            return
 
     def _finalize(self) -> None:
         """Once, after every item slot is registered: feature arrays, mm embeddings and semantic IDs."""

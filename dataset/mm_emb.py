@@ -4,7 +4,7 @@ The first load parses the JSON-lines part files a chunk at a time without a per-
 installed (the `fast` extra), its C CSV reader parses the chunk once the JSON scaffolding is deleted (about 6x
 faster than Python's float(), the same float32 values); else one str.split and float() per number. Rows stream
 into a raw binary cache, and later loads memory-map that cache. The cache is valid while every source file keeps
-its size and mtime.
+its size, mtime, inode and ctime (a rewrite that restores size and mtime still changes the ctime).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .safeio import DataFormatError, atomic_open, cache_root, is_writable_dir, l
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the source signature holds inode and ctime
 _CHUNK_BYTES = 16 << 20
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
@@ -236,7 +236,7 @@ def _parsed_ranges(tasks: list[tuple[str, int, int, int]]):
     _pandas()  # imported once here: forked workers inherit it instead of each importing it
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
         pending = [pool.submit(_parse_range, t) for t in tasks[:2 * workers]]
         nxt = len(pending)
         while pending:
@@ -297,7 +297,39 @@ def _load_pickle_source(path: Path, dim: int, add: Callable[[np.ndarray, np.ndar
 
 
 def _source_signature(files: list[Path]) -> list[list]:
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    """What identifies a source file's contents without reading them. Besides size and mtime (which `cp -p`,
+    `rsync -t` and `tar x` restore), the inode and ctime: a rewrite or a copy always changes one of them."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
+    return out
+
+
+_STALE_TMP_SECONDS = 600  # a temp file nobody wrote to for this long belongs to a writer that died
+
+
+def _clean_stale_temps(cdir: Path, stem: str) -> None:
+    """Remove temp files of earlier writers of this feature's cache that died (killed mid-write)."""
+    import time
+
+    for t in cdir.glob(f".{stem}.*.tmp"):
+        try:
+            if time.time() - t.stat().st_mtime > _STALE_TMP_SECONDS:
+                t.unlink()
+        except OSError:
+            pass
+
+
+def _die_with_parent() -> None:
+    """Parse workers end when the loading process dies, even by kill -9 (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _cache_dir_for(emb_dir: Path, cache_dir: Path | None) -> Path | None:
@@ -356,6 +388,21 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
             log.info("mm_emb %s: %d x %d from cache %s", fid, len(cached), dim, cdir)
             return cached
 
+    if cdir is not None:
+        _clean_stale_temps(cdir, stem)
+    try:
+        return _parse_feature(path, files, sig, dim, fid, stem, cdir)
+    except OSError as e:
+        if cdir is None:
+            raise
+        # The cache is an optimisation: a full or failing disk under it must not cost the data.
+        log.warning("mm_emb %s: cannot write the cache in %s (%s); loading without it", fid, cdir, e)
+        return _parse_feature(path, files, sig, dim, fid, stem, None)
+
+
+def _parse_feature(path: Path, files: list[Path], sig: list, dim: int, fid: str, stem: str,
+                   cdir: Path | None) -> MMEmbedding:
+    """Parse every source file of a feature, into the cache `cdir` (memory-mapped on return) or into memory."""
     skipped: dict = {}
     parts: list[tuple[np.ndarray, np.ndarray]] = []  # only without a cache dir
     n = 0
@@ -386,6 +433,8 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
             for k, v in sk.items():
                 skipped[k] = skipped.get(k, 0) + v
             bar.update(nbytes)
+        if _source_signature(files) != sig:  # before the cache is committed: a changed source never lands in it
+            raise DataFormatError(f"{path}: source files changed while loading; run again")
     if skipped:
         log.warning("mm_emb %s: skipped %d bad rows (%s)", fid, sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
@@ -396,8 +445,8 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
     write_json(cdir / f"{stem}.meta.json", {"version": CACHE_VERSION, "fid": fid, "dim": dim, "n": n,
                                             "sources": sig, "skipped": skipped})
     cached = _try_cached(cdir, stem, sig, dim, fid)
-    if cached is None:  # a source file changed while we read it: what we parsed may be a mix of versions
-        raise DataFormatError(f"{path}: source files changed while loading; run again")
+    if cached is None:  # the cache files we just wrote were replaced under us (another writer)
+        raise DataFormatError(f"{cdir}: cache of feature {fid} changed while writing it; run again")
     return cached
 
 

@@ -1,6 +1,7 @@
 """`semantic_id_dict.json`: {"<creative_id>": [c1, c2, c3, c4]}, read back with int keys and checked entry by entry."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from .safeio import DataFormatError, write_json
 log = logging.getLogger(__name__)
 
 SEMANTIC_ID_FILE = "semantic_id_dict.json"
+REPORT_FILE = "semantic_id_report.json"  # beside it: how the IDs were made, and by which RQ-VAE (origin)
 
 
 class CorruptSemanticIdFile(DataFormatError):
@@ -63,4 +65,32 @@ def find_semantic_id_file(*dirs: str | os.PathLike | None) -> Path | None:
     for d in dirs:
         if d is not None and (Path(d) / SEMANTIC_ID_FILE).is_file():
             return Path(d) / SEMANTIC_ID_FILE
+    return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def origin_record(path: str | os.PathLike, rqvae_fingerprint: str | None) -> dict:
+    """What the writer puts in the report beside `path`: the RQ-VAE that made the IDs, and the file's hash (so a
+    report left beside another file never vouches for it)."""
+    return {"rqvae_fingerprint": rqvae_fingerprint, "ids_sha256": file_sha256(path)}
+
+
+def read_origin(path: str | os.PathLike) -> str | None:
+    """The fingerprint of the RQ-VAE that made the IDs file `path`, from the report beside it; None when unknown
+    (no report, no origin in it, or a report written for other contents of the file)."""
+    rep = Path(path).with_name(REPORT_FILE)
+    try:
+        origin = json.loads(rep.read_text(encoding="utf-8")).get("origin") or {}
+        if origin.get("ids_sha256") == file_sha256(path):
+            fp = origin.get("rqvae_fingerprint")
+            return str(fp) if fp else None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
     return None

@@ -30,7 +30,7 @@ from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logg
 from dataset.safeio import cache_root, is_writable_dir, write_json
 from model.metrics import rank_metrics, ranks_in_topk
 from evalu.retrieval import topk_faiss, topk_inner_product
-from evalu.semantic_bootstrap import ensure_semantic_ids
+from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from model.checkpoint import is_checkpoint, load_checkpoint
 from model.recommender import Recommender
 from rqvae import RQVAEConfig
@@ -191,7 +191,8 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
     log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
     t["load_model"] = time.perf_counter()
-    ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir])
+    ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],
+                     sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
     log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
     t["load_data"] = time.perf_counter()
     # Only now, with model and data read, does the results folder come to be (a failed run leaves none).

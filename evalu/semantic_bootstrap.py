@@ -1,9 +1,12 @@
 """The lazy semantic-ID bootstrap of inference: load the IDs, or make them, or go on without them.
 
-Order: IDs found (data dir, then the results dir) -> "loaded semantic_id for N items", and candidates they miss
-are encoded with the checkpoint's RQ-VAE; none found -> "no semantic_id found, trying to generate..." ->
-encode with the checkpoint's RQ-VAE (seconds) or train a new one -> save -> rebuild the dataset ->
-"generated semantic_id for N items". Any failure is a warning and inference goes on with default IDs.
+Order: IDs found (data dir, then the results dir) that belong to the checkpoint (made by its RQ-VAE, or of
+unknown origin but agreeing with its trained IDs) -> "loaded semantic_id for N items", and candidates they miss
+are encoded with the checkpoint's RQ-VAE; only another model's IDs found -> warning, encode with the
+checkpoint's RQ-VAE into the results dir ("replaced"); none found -> "no semantic_id found, trying to
+generate..." -> encode with the checkpoint's RQ-VAE (seconds) or, without one, train a new one -> save ->
+rebuild the dataset -> "generated semantic_id for N items". The checkpoint's own trained IDs are always served
+for its training items. Any failure is a warning and inference goes on (trained IDs, else default IDs).
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from dataset import TestDataset, load_mm_emb
 from dataset.safeio import is_writable_dir
+from dataset.semantic_ids import read_origin
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 
 log = logging.getLogger(__name__)
@@ -25,13 +29,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BootstrapResult:
-    status: str = "unused"  # loaded | loaded+encoded | encoded | trained | disabled | failed | unused
+    # loaded | loaded+encoded | encoded | trained | replaced | checkpoint | disabled | failed | unused
+    status: str = "unused"
     items: int = 0
     coverage_before: float = 0.0
     coverage_after: float = 0.0
     path: str | None = None
     warning: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # IDs files not used (another model's), and why
 
 
 @contextmanager
@@ -57,6 +63,38 @@ def _output_dir(ds: TestDataset, result_dir: Path) -> Path:
     return result_dir
 
 
+def id_file_check(rqvae: RQVAE | None, trained_ids: Mapping[int, list[int]]
+                  ) -> Callable[[Path, dict[int, list[int]]], str | None]:
+    """The test an IDs file must pass to be served with a checkpoint (TestDataset's `sid_accept`): made by the
+    checkpoint's RQ-VAE (its fingerprint in the report beside the file), or, origin unknown, agreeing with the
+    IDs the model was trained with on the items they share. Returns why a file fails, or None."""
+    fingerprint = rqvae.fingerprint() if rqvae is not None else None
+
+    def check(path: Path, ids: dict[int, list[int]]) -> str | None:
+        origin = read_origin(path)
+        if origin is not None and fingerprint is not None:
+            return None if origin == fingerprint else (
+                f"made by another RQ-VAE (fingerprint {origin}; the checkpoint's is {fingerprint})")
+        if not trained_ids:
+            return None  # nothing to compare with: the model was trained without IDs of its own
+        shared = [c for c in trained_ids if c in ids]
+        if not shared:
+            return "of unknown origin and shares no item with the checkpoint's IDs"
+        wrong = sum(ids[c] != list(trained_ids[c]) for c in shared)
+        return f"of unknown origin and disagrees with the checkpoint's IDs on {wrong} of {len(shared)} items" \
+            if wrong else None
+
+    return check
+
+
+def _serve_trained(ds: TestDataset, trained_ids: Mapping[int, list[int]]) -> None:
+    """Serve the checkpoint's own IDs for the items it was trained with (and whatever accepted file adds)."""
+    missing = {c: list(v) for c, v in trained_ids.items() if c not in ds.semantic_id_dict}
+    if missing:
+        ds.semantic_id_dict = {**ds.semantic_id_dict, **missing}
+    ds.store.attach_semantic_ids(ds.semantic_id_dict)
+
+
 def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, rqvae_features: list[str] | None,
                         trained_ids: dict[int, list[int]], allow_generation: bool, mm_emb_id: list[str] | None,
                         rq_args: Any = None) -> BootstrapResult:
@@ -65,12 +103,16 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
     if rqvae is not None and mm_emb_id and [str(m) for m in mm_emb_id] != list(rqvae_features or []):
         log.warning("--mm_emb_id %s ignored: the checkpoint's RQ-VAE was trained on %s", mm_emb_id, rqvae_features)
     cfg = RQVAEConfig.from_args(rq_args) if rq_args is not None else RQVAEConfig()
+    for path, why in ds.semantic_id_rejected:
+        log.warning("%s not used: %s", path, why)
+    res.rejected = {str(p): why for p, why in ds.semantic_id_rejected}
     try:
         if ds.semantic_id_dict:
             res.status = "loaded"
             log.info("loaded semantic_id for %d items", len(ds.semantic_id_dict))
             missing = _candidates_missing(ds, feats) if rqvae is not None and allow_generation else 0
             if missing and rqvae is not None and allow_generation:
+                # The file passed the origin check, so extending it keeps one codebook.
                 log.info("%d candidate items have no semantic_id: encoding them with the checkpoint's RQ-VAE", missing)
                 out = ds.semantic_id_path.parent if is_writable_dir(ds.semantic_id_path.parent) else _output_dir(ds, result_dir)
                 with _file_lock(out):
@@ -78,10 +120,28 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                 ds.sid_dirs = [out, *[d for d in ds.sid_dirs if d != out]]
                 ds.rebuild()
                 res.status, res.generation = "loaded+encoded", rep
-        elif not allow_generation:
-            res.status = "disabled"
-            res.warning = "ALLOW_SEMANTIC_GENERATION=false and no semantic_id_dict.json: running without semantic IDs"
+            _serve_trained(ds, trained_ids)
+        elif ds.semantic_id_rejected and rqvae is not None and allow_generation:
+            # Another model's IDs: make ours with the checkpoint's RQ-VAE, in the results dir (never over the
+            # other file, which belongs to someone else).
+            log.warning("encoding the items with the checkpoint's RQ-VAE into %s instead", result_dir)
+            with _file_lock(result_dir):
+                sids, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, trained_ids, result_dir)
+            if not sids:
+                raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
+            ds.sid_dirs = [result_dir, *[d for d in ds.sid_dirs if d != result_dir]]
+            ds.rebuild()
+            res.status, res.generation = "replaced", rep
+            _serve_trained(ds, trained_ids)
+        elif not allow_generation or ds.semantic_id_rejected or (rqvae is None and trained_ids):
+            # Without the checkpoint's RQ-VAE, new codes would come from another codebook: serve what it has.
+            res.status = "disabled" if not allow_generation else "checkpoint"
+            why = ("ALLOW_SEMANTIC_GENERATION=false and no usable semantic_id_dict.json" if not allow_generation
+                   else "no usable semantic_id_dict.json and no RQ-VAE in the checkpoint to make one")
+            res.warning = f"{why}: serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
+                if trained_ids else f"{why}: running without semantic IDs"
             log.warning(res.warning)
+            _serve_trained(ds, trained_ids)
         else:
             if ds.semantic_id_error:
                 log.warning("existing semantic_id_dict.json is corrupt (%s): regenerating", ds.semantic_id_error)
@@ -106,11 +166,18 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                     made = len(ds.semantic_id_dict) - int(rep.get("reused_ids", 0))
                     log.info("generated semantic_id for %d items (%d newly made, %d reused from the checkpoint)",
                              len(ds.semantic_id_dict), made, int(rep.get("reused_ids", 0)))
-    except Exception as e:  # degrade, never die: inference works without semantic IDs
+            _serve_trained(ds, trained_ids)
+    except Exception as e:  # degrade, never die: inference works without (new) semantic IDs
         res.status = "failed"
-        res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); continuing with default semantic IDs"
+        served = f"serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
+            if trained_ids else "continuing with default semantic IDs"
+        res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); {served}"
         log.warning(res.warning)
         if not ds.semantic_id_dict:
+            ds.semantic_id_dict = {}
+        try:
+            _serve_trained(ds, trained_ids)
+        except Exception:  # noqa: BLE001 - the store itself is fine without IDs
             ds.store.attach_semantic_ids({})
     res.items = len(ds.semantic_id_dict)
     res.path = str(ds.semantic_id_path) if ds.semantic_id_path else None

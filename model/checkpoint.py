@@ -57,15 +57,29 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     d = Path(directory)
     if not is_checkpoint(d):
         raise FileNotFoundError(f"no checkpoint in {d} (want {MODEL_FILE} and {CONFIG_FILE})")
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    schema = FeatureSchema.from_dict(meta["schema"])
-    model = Recommender(schema, ModelConfig.from_dict(meta["model"]))
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+        schema = FeatureSchema.from_dict(meta["schema"])
+        model = Recommender(schema, ModelConfig.from_dict(meta["model"]))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{d / CONFIG_FILE}: not a checkpoint config this version can read ({type(e).__name__}: "
+                         f"{e})") from None
     try:
         model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
-    except RuntimeError as e:  # e.g. a checkpoint written by another version of the model code
-        raise ValueError(f"{d}: checkpoint does not match this version of the model; retrain it ({e})") from e
-    rq = RQVAE.load(d / RQVAE_DIR, device) if meta.get("rqvae") and (d / RQVAE_DIR).is_dir() else None
+    except Exception as e:  # noqa: BLE001 - truncated, hostile or another version's weights: one line, no traceback
+        raise ValueError(f"{d / MODEL_FILE}: cannot load the model's weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); retrain or restore it") from None
+    rq = None
+    if meta.get("rqvae") and (d / RQVAE_DIR).is_dir():
+        try:
+            rq = RQVAE.load(d / RQVAE_DIR, device)
+        except Exception as e:  # noqa: BLE001 - the recommender is fine without it: the bootstrap degrades
+            log.warning("%s: the checkpoint's RQ-VAE cannot be loaded (%s: %s); new items get no semantic IDs from "
+                        "it", d / RQVAE_DIR, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     sids: dict[int, list[int]] = {}
     if (d / SEMANTIC_ID_FILE).is_file():
-        sids, _ = load_semantic_ids(d / SEMANTIC_ID_FILE, schema.sid_levels, schema.sid_codebook)
+        try:
+            sids, _ = load_semantic_ids(d / SEMANTIC_ID_FILE, schema.sid_levels, schema.sid_codebook)
+        except ValueError as e:
+            log.warning("%s", e)
     return model.to(device).eval(), meta, rq, sids

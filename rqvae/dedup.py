@@ -16,9 +16,8 @@ def dedup_codes(codes: np.ndarray, last_residual: np.ndarray, last_codebook: np.
     dup = counts[inv] > 1
     if not dup.any():
         return codes, {"moved": 0, "unresolved": 0}
-    d = ((last_residual[dup, None, :] - last_codebook[None, :, :]) ** 2).sum(-1)  # [M, K]
     dup_idx = np.flatnonzero(dup)
-    own = d[np.arange(len(dup_idx)), codes[dup_idx, L - 1]]
+    own, ranked = _rank_codes(last_residual, dup_idx, codes[dup_idx, L - 1], last_codebook)
     # Within each group, the item closest to the shared code stays; the others move, nearest first.
     order = np.lexsort((own, inv[dup_idx]))
     stays = np.ones(len(dup_idx), bool)
@@ -30,7 +29,6 @@ def dedup_codes(codes: np.ndarray, last_residual: np.ndarray, last_codebook: np.
     for p, c in zip(prefix.tolist(), codes[:, L - 1].tolist()):
         used[p].add(c)
     moved = unresolved = 0
-    ranked = np.argsort(d, axis=1, kind="stable")
     for j in np.flatnonzero(~stays)[np.argsort(own[~stays], kind="stable")]:
         i = dup_idx[j]
         taken = used[prefix[i]]
@@ -44,3 +42,20 @@ def dedup_codes(codes: np.ndarray, last_residual: np.ndarray, last_codebook: np.
                 moved += 1
                 break
     return codes, {"moved": moved, "unresolved": unresolved}
+
+
+def _rank_codes(resid: np.ndarray, rows: np.ndarray, own_code: np.ndarray, codebook: np.ndarray,
+                chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """For the items `rows`: squared distance to their own code [M], and every code ordered nearest first [M, K].
+    In chunks, as |r|^2 - 2 r.c + |c|^2 in float64: never the [M, K, d] difference tensor (30 GB at 1M items)."""
+    c = np.asarray(codebook, np.float64)
+    c_sq = (c * c).sum(1)
+    K = len(c)
+    own = np.empty(len(rows), np.float64)
+    ranked = np.empty((len(rows), K), np.int16 if K <= np.iinfo(np.int16).max else np.int32)
+    for lo in range(0, len(rows), chunk):
+        r = np.asarray(resid[rows[lo:lo + chunk]], np.float64)
+        d = (r * r).sum(1, keepdims=True) - 2.0 * r @ c.T + c_sq[None, :]
+        own[lo:lo + len(r)] = d[np.arange(len(r)), own_code[lo:lo + chunk]]
+        ranked[lo:lo + len(r)] = np.argsort(d, axis=1, kind="stable")
+    return own, ranked

@@ -13,7 +13,7 @@ import numpy as np
 from dataset.files import load_indexer
 from dataset.mm_emb import MMEmbedding, load_mm_emb
 from dataset.safeio import is_writable_dir, write_json
-from dataset.semantic_ids import SEMANTIC_ID_FILE, save_semantic_ids
+from dataset.semantic_ids import REPORT_FILE, SEMANTIC_ID_FILE, origin_record, save_semantic_ids
 
 from .config import RQVAEConfig
 from .dedup import dedup_codes
@@ -23,8 +23,6 @@ from .model import RQVAE
 from .stats import collision_stats, level_stats
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "semantic_id_report.json"
 
 
 def merge_features(feats: Mapping[str, MMEmbedding]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +149,7 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
              len(known))
     path = out / SEMANTIC_ID_FILE
     save_semantic_ids(path, sids)
+    report["origin"] = origin_record(path, model.fingerprint() if model is not None else None)
     write_json(out / REPORT_FILE, report)
     log.info("saved semantic_id to %s", path)
     if "collision_rate" in report:

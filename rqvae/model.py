@@ -1,6 +1,7 @@
 """The RQ-VAE module: input standardisation, encoder MLP, residual quantizer, decoder MLP."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -100,6 +101,17 @@ class RQVAE(nn.Module):
         write_json(d / self.CONFIG_FILE, {"format_version": 1, "in_dim": self.in_dim, "config": self.cfg.to_dict(),
                                           "normalisation": {"mean": self.mean.cpu().tolist(), "scale": float(self.scale)}})
         return d
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the codes (config, input width, normalisation, weights and
+        codebooks): two RQ-VAEs with the same fingerprint give every item the same semantic ID. Stable across
+        save / load and devices."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("device", "encode_batch_size")}  # no effect on codes
+        h = hashlib.sha256(json.dumps({"in_dim": self.in_dim, "config": cfg}, sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # What an RQ-VAE saved before these fields existed was made with (rqkmeans: no PCA, random init, unbalanced).
     LEGACY = {"pca_dim": 0, "kmeans_init": "random", "balanced": False}

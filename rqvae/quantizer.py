@@ -85,7 +85,10 @@ class ResidualQuantizer(nn.Module):
         c_sq = (self.codebooks * self.codebooks).sum(2)
         for lvl in range(self.num_levels):
             cb = self.codebooks[lvl]
-            idx = torch.addmm(c_sq[lvl], r, cb.T, alpha=-2.0).argmin(1)
+            # fp32 distances and argmin even under autocast (bf16 would assign 0.2-0.3% of rows differently from
+            # `encode`, which runs in fp32), so training and serving pick the same codes
+            with torch.autocast(r.device.type, enabled=False):
+                idx = torch.addmm(c_sq[lvl], r.float(), cb.float().T, alpha=-2.0).argmin(1)
             q = F.embedding(idx, cb)
             if self.training:
                 self._ema_update(lvl, idx, r)

@@ -332,3 +332,79 @@ def test_candidate_pool_skips_bad_and_duplicate_lines(tmp_path, caplog):
         pool = load_predict_set(p)
     assert pool.creative_ids.tolist() == [1, 2, 3, 4, 5]
     assert "skipped 6 candidate lines (duplicate: 2, unreadable: 4; first at line 6)" in caplog.text
+
+
+def test_cache_is_not_served_after_a_same_size_rewrite_with_mtime_restored(tmp_path):
+    d = _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, -i]}) for i in range(20)])
+    part = d / "part-00000"
+    first = load_feature(tmp_path / "creative_emb", "82")
+    assert isinstance(load_feature(tmp_path / "creative_emb", "82").emb, np.memmap)  # a cache hit ...
+    st = part.stat()
+    part.write_text(part.read_text().replace('"emb": [3, -3]', '"emb": [7, -7]'))  # same size
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -t / tar x leave it
+    assert part.stat().st_size == st.st_size and part.stat().st_mtime_ns == st.st_mtime_ns
+    again = load_feature(tmp_path / "creative_emb", "82")
+    assert again.emb[again.rows([3])[0]].tolist() == [7.0, -7.0]  # ... but not of stale values
+    np.testing.assert_array_equal(first.emb[first.rows([4])[0]], again.emb[again.rows([4])[0]])
+
+
+def test_cache_hit_gives_the_source_values(tmp_path, monkeypatch):
+    import dataset.mm_emb as mm
+
+    lines, ref = _varied_rows(200, 3)
+    _emb_folder(tmp_path, 82, 3, lines)
+    load_feature(tmp_path / "creative_emb", "82")
+    parsed = []
+    monkeypatch.setattr(mm, "_parse_range", lambda t: parsed.append(t))  # a second parse would show here
+    hit = load_feature(tmp_path / "creative_emb", "82")
+    assert parsed == [] and isinstance(hit.emb, np.memmap)
+    np.testing.assert_array_equal(hit.emb, ref)
+
+
+def test_a_source_changing_while_loading_never_lands_in_the_cache(tmp_path, monkeypatch):
+    import dataset.mm_emb as mm
+
+    d = _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, i]}) for i in range(20)])
+    real = mm._parse_range
+
+    def parse_then_touch(task):
+        out = real(task)
+        with open(d / "part-00000", "a") as f:
+            f.write(json.dumps({"anonymous_cid": 99, "emb": [1, 2]}) + "\n")
+        return out
+
+    monkeypatch.setattr(mm, "_parse_range", parse_then_touch)
+    with pytest.raises(DataFormatError, match="changed while loading"):
+        load_feature(tmp_path / "creative_emb", "82")
+    assert not list((tmp_path / "creative_emb" / ".genrec_cache").glob("*.meta.json"))
+
+
+def test_a_full_disk_under_the_cache_costs_only_the_cache(tmp_path, monkeypatch, caplog):
+    import contextlib
+    import errno
+
+    import dataset.mm_emb as mm
+
+    _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, i]}) for i in range(20)])
+
+    class Full:
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mm, "atomic_open", lambda *a, **k: contextlib.nullcontext(Full()))
+    with caplog.at_level("WARNING"):
+        f = load_feature(tmp_path / "creative_emb", "82")
+    assert sorted(f.ids.tolist()) == list(range(20)) and "cannot write the cache" in caplog.text
+    assert ".genrec_cache" in caplog.text
+
+
+def test_temp_files_of_dead_writers_are_removed(tmp_path):
+    _emb_folder(tmp_path, 82, 2, [json.dumps({"anonymous_cid": i, "emb": [i, i]}) for i in range(5)])
+    cache = tmp_path / "creative_emb" / ".genrec_cache"
+    cache.mkdir()
+    old, fresh = cache / ".emb_82_2.f32.dead1.tmp", cache / ".emb_82_2.f32.live2.tmp"
+    old.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    load_feature(tmp_path / "creative_emb", "82")
+    assert not old.exists() and fresh.exists()  # a writer active in the last minutes may still be alive

@@ -84,11 +84,14 @@ def test_no_creative_emb_degrades_and_exits_zero(world, checkpoint, tmp_path, mo
     monkeypatch.setenv("EVAL_RESULT_PATH", str(tmp_path / "res"))
     with caplog.at_level("WARNING"):
         assert main([]) == 0
-    assert "continuing with default semantic IDs" in caplog.text
+    from model.checkpoint import load_checkpoint
+
+    trained = load_checkpoint(checkpoint)[3]
+    assert f"serving the checkpoint's IDs for the {len(trained)} items it was trained with" in caplog.text
     res = json.loads((tmp_path / "res" / "result.json").read_text())
     assert len(res["top10s"]) == len(res["user"]) == 40 and all(len(t) == 10 for t in res["top10s"])
     rep = json.loads((tmp_path / "res" / "infer_report.json").read_text())
-    assert rep["semantic_id"]["status"] == "failed"
+    assert rep["semantic_id"]["status"] == "failed" and rep["semantic_id"]["items"] == len(trained) > 0
 
 
 def test_generation_failure_of_any_kind_degrades(world, checkpoint, tmp_path, monkeypatch):
@@ -334,3 +337,112 @@ def test_grouped_block_topk_matches_plain_topk_with_ties_and_exclusions():
         full[u, ex[u]] = float("-inf")
     ref = full.topk(10, dim=1)
     assert torch.allclose(sc, ref.values) and torch.equal(ix, ref.indices)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_b(world_src, tmp_path_factory) -> Path:
+    """A second model on the same world with another seed: its RQ-VAE, hence its IDs, differ from `checkpoint`'s."""
+    import shutil as sh
+
+    from model.recommender import ModelConfig
+    from model.trainer import TrainConfig, train
+
+    src = tmp_path_factory.mktemp("trainsrc_b")
+    sh.copytree(world_src[0], src / "train")
+    out = tmp_path_factory.mktemp("ckpt_b")
+    return train(TrainConfig(data_dir=str(src / "train"), output_dir=str(out), epochs=1, batch_size=64, seed=1,
+                             model=ModelConfig(hidden=16, maxlen=20, num_blocks=1, num_negatives=64)))
+
+
+def _served(ev: Path, ckpt: Path, res: Path) -> tuple[dict, dict]:
+    """(the bootstrap's report, creative id -> the IDs the model was served for its training items)."""
+    from dataset import TestDataset
+    from evalu.semantic_bootstrap import id_file_check
+    from model.checkpoint import load_checkpoint
+
+    _, _, rep = run(_cfg(ev, ckpt, res))
+    model, meta, rq, trained = load_checkpoint(ckpt)
+    ds = TestDataset(ev, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[res / "results"],
+                     sid_accept=id_file_check(rq, trained))
+    return rep["semantic_id"], {c: ds.semantic_id_dict.get(c) for c in trained}
+
+
+def test_another_models_ids_are_never_served(world, checkpoint, checkpoint_b, tmp_path, caplog):
+    from model.checkpoint import load_checkpoint
+
+    _, ev = world
+    trained_a, trained_b = load_checkpoint(checkpoint)[3], load_checkpoint(checkpoint_b)[3]
+    assert any(trained_a[c] != trained_b.get(c) for c in trained_a)  # the two RQ-VAEs do differ
+    boot, served = _served(ev, checkpoint, tmp_path / "ra")
+    assert boot["status"] == "encoded" and (ev / "semantic_id_dict.json").is_file()  # A's IDs land in the data dir
+    assert served == trained_a
+    with caplog.at_level("WARNING"):
+        boot, served = _served(ev, checkpoint_b, tmp_path / "rb")
+    assert boot["status"] == "replaced" and "made by another RQ-VAE" in caplog.text
+    assert str(ev / "semantic_id_dict.json") in caplog.text
+    assert served == trained_b  # B's own IDs, written to B's results dir; A's file untouched
+    boot, served = _served(ev, checkpoint_b, tmp_path / "rb")
+    assert boot["status"] == "loaded" and served == trained_b  # next time: B's file, found in the results dir
+    boot, served = _served(ev, checkpoint, tmp_path / "ra")
+    assert boot["status"] == "loaded" and served == trained_a
+
+
+def test_ids_of_unknown_origin_are_served_only_when_they_agree(world, checkpoint, tmp_path):
+    from dataset.semantic_ids import load_semantic_ids, save_semantic_ids
+    from model.checkpoint import load_checkpoint
+
+    _, ev = world
+    trained = load_checkpoint(checkpoint)[3]
+    run(_cfg(ev, checkpoint, tmp_path / "r0"))
+    (ev / "semantic_id_report.json").unlink()  # origin unknown from now on
+    boot, served = _served(ev, checkpoint, tmp_path / "r1")
+    assert boot["status"] == "loaded" and served == trained  # agrees: accepted
+    ids, _ = load_semantic_ids(ev / "semantic_id_dict.json")
+    some = next(iter(trained))
+    ids[some] = [(c + 1) % 256 for c in ids[some]]
+    save_semantic_ids(ev / "semantic_id_dict.json", ids)
+    boot, served = _served(ev, checkpoint, tmp_path / "r2")
+    assert boot["status"] == "replaced" and "disagrees with the checkpoint's IDs on 1 of" in str(boot["rejected"])
+    assert served == trained
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage config", "empty"])
+def test_a_broken_rqvae_in_the_checkpoint_degrades_to_its_trained_ids(world, checkpoint, tmp_path, damage, caplog):
+    import shutil as sh
+
+    from evalu.infer import main
+    from model.checkpoint import load_checkpoint
+
+    _, ev = world
+    ck = tmp_path / "ck"
+    sh.copytree(checkpoint, ck)
+    rq = ck / "rqvae"
+    if damage == "truncated":
+        (rq / "rqvae_model.pt").write_bytes((rq / "rqvae_model.pt").read_bytes()[:100])
+    elif damage == "garbage config":
+        (rq / "rqvae_config.json").write_text('{"in_dim": "x"')
+    else:
+        sh.rmtree(rq)
+        rq.mkdir()
+    trained = load_checkpoint(checkpoint)[3]
+    with caplog.at_level("WARNING"):
+        assert main(["--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(tmp_path / "r")]) == 0
+    rep = json.loads((tmp_path / "r" / "infer_report.json").read_text())
+    assert rep["semantic_id"]["status"] == "checkpoint" and rep["semantic_id"]["items"] == len(trained)
+    assert "RQ-VAE cannot be loaded" in caplog.text or "no RQ-VAE in the checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize("what,content", [("config.json", "{}"), ("config.json", "[" * 100_000),
+                                          ("model.pt", b"\x80\x02garbage"), ("model.pt", b"")])
+def test_a_broken_checkpoint_is_one_line(world, checkpoint, tmp_path, what, content, caplog):
+    import shutil as sh
+
+    from evalu.infer import main
+
+    _, ev = world
+    ck = tmp_path / "ck"
+    sh.copytree(checkpoint, ck)
+    (ck / what).write_bytes(content.encode() if isinstance(content, str) else content)
+    assert main(["--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(tmp_path / "r")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(ck / what) in errors[0]

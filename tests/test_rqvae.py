@@ -290,3 +290,16 @@ def test_boolean_flags_turn_both_ways():
     assert RQVAEConfig.from_args(p.parse_args(["--dedup"])).dedup is True
     assert RQVAEConfig.from_args(p.parse_args(["--epochs", "3"])).num_epochs == 3  # train.py's name is accepted
     assert RQVAEConfig.from_args(p.parse_args(["--hidden-dims", "64", "32"])).hidden_dims == (64, 32)
+
+
+def test_dedup_ranks_codes_like_the_plain_distance_in_chunks():
+    from rqvae.dedup import _rank_codes
+
+    rng = np.random.default_rng(0)
+    resid, cb = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
+    rows = np.arange(0, 300, 2)
+    own_code = rng.integers(0, 16, len(rows))
+    own, ranked = _rank_codes(resid, rows, own_code, cb, chunk=7)  # chunk edges inside the data
+    plain = ((resid[rows, None, :].astype(np.float64) - cb[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(own, plain[np.arange(len(rows)), own_code], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(ranked, np.argsort(plain, axis=1, kind="stable"))
