@@ -1,6 +1,7 @@
 """Torch datasets over a competition directory: training sequences (with a held-out last click) and test users."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .safeio import DataFormatError
 from .files import load_indexer, load_item_feats, load_predict_set
 from .mm_emb import load_mm_emb
 from .semantic_ids import CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids
@@ -18,6 +20,28 @@ from .seqfile import SeqFile
 from .store import FeatureSchema, ItemStore, array_value, sparse_value
 
 log = logging.getLogger(__name__)
+
+
+def _warn_on_other_world(data_dir: Path, schema: FeatureSchema, indexer: Mapping, item_feats: Mapping) -> None:
+    """The checkpoint's schema against this folder's indexer.pkl / item_feat_dict.json: they come from the
+    training data, so any difference means files of another world (new items arrive by raw id and change
+    neither). Ranked output would be poor, not wrong in form: a warning naming what differs."""
+    here = FeatureSchema.from_indexer(indexer)
+    diffs = []
+    if here.num_items != schema.num_items:
+        diffs.append(f"{here.num_items} items in indexer.pkl, {schema.num_items} in training")
+    for kind in ("user_sparse", "user_array", "item_sparse", "item_array"):
+        want = getattr(schema, kind)
+        have = {**here.item_sparse, **here.item_array} if kind.startswith("item") else {**here.user_sparse, **here.user_array}
+        diffs += [f"feature {f}: {have.get(f, 0) - 1} values here, {v - 1} in training" for f, v in want.items()
+                  if have.get(f) != v]
+    outside = sum(1 for k in item_feats if not (str(k).isdigit() and 0 < int(k) <= schema.num_items))
+    if outside:
+        diffs.append(f"{outside} items of item_feat_dict.json outside the training items")
+    if diffs:
+        log.warning("%s: indexer.pkl / item_feat_dict.json do not match the checkpoint's training data (%s%s): "
+                    "files of another dataset? recommendations will be poor", data_dir, "; ".join(diffs[:5]),
+                    f"; {len(diffs) - 5} more" if len(diffs) > 5 else "")
 
 
 class _Base(Dataset):
@@ -32,14 +56,18 @@ class _Base(Dataset):
         self.data_dir = Path(data_dir)
         self.sid_accept = sid_accept
         self.semantic_id_rejected: list[tuple[Path, str]] = []
+        self.odd_user_ids = 0
         self.maxlen = maxlen
         self.sid_dirs = [self.data_dir, *[Path(d) for d in sid_dirs]]
         self.indexer = load_indexer(self.data_dir / "indexer.pkl")
         wanted = list(schema.mm) if schema else [str(m) for m in mm_emb_ids]
-        self.mm = load_mm_emb(self.data_dir / "creative_emb", wanted, cache_dir) if wanted else {}
+        self.mm = load_mm_emb(self.data_dir / "creative_emb", wanted, cache_dir,
+                              dims={f: int(d) for f, d in schema.mm.items()} if schema else None) if wanted else {}
         item_feats = load_item_feats(self.data_dir / "item_feat_dict.json")
         if schema is None:
             schema = FeatureSchema.from_indexer(self.indexer, {f: e.dim for f, e in self.mm.items()}, item_feats)
+        else:
+            _warn_on_other_world(self.data_dir, schema, self.indexer, item_feats)
         self.schema = schema
         self.store = ItemStore(schema, self.indexer, item_feats)
         self._user_raw: dict[int, str] | None = None
@@ -89,8 +117,13 @@ class _Base(Dataset):
 
     # --- one user's line ----------------------------------------------------------------------------
     def raw_user_id(self, uid: Any) -> str:
+        """The raw user id of a record's user field: a string as is, a re-id through the indexer; anything else
+        (a float, a list, an object) is written as its JSON text, so the user is still answered."""
         if isinstance(uid, str):
             return uid
+        if type(uid) is not int:
+            self.odd_user_ids += 1
+            return json.dumps(uid, separators=(",", ":"))
         if self._user_raw is None:
             self._user_raw = {v: str(k) for k, v in self.indexer["u"].items()}
         return self._user_raw.get(uid, str(uid))
@@ -118,7 +151,7 @@ class _Base(Dataset):
         for _, item, ifeat, action in inter:
             if type(item) is int and 0 < item <= n_items:
                 slot = item
-            elif register_unseen and type(item) is int and item > n_items:  # a raw creative id unseen in training
+            elif register_unseen and type(item) is int and n_items < item < 2**63:  # a raw creative id unseen in training
                 slot = self.store.slot_for(item, ifeat if isinstance(ifeat, dict) else None)
             else:
                 continue
@@ -229,14 +262,23 @@ class TestDataset(_Base):
         seq = SeqFile(self.data_dir / "predict_seq.jsonl", self.data_dir / "predict_seq_offsets.pkl")
         self.users: list[str] = []
         seqs, us, ua, self.histories = [], [], [], []
+        self.odd_user_ids = 0
         for i in range(len(seq)):
-            u = self._parse(seq[i], register_unseen=True)
+            try:
+                u = self._parse(seq[i], register_unseen=True)
+            except (TypeError, ValueError, AttributeError, OverflowError) as e:
+                if isinstance(e, DataFormatError):
+                    raise
+                raise DataFormatError(f"{seq.path}: line {i + 1}: {type(e).__name__}: {e}") from None
             self.users.append(u["user"])
             seqs.append(self._left_pad(u["slots"]))
             self.histories.append(np.unique(np.asarray(u["slots"], np.int64)))
             us.append(u["user_sparse"])
             ua.append(u["user_array"])
         seq.close()
+        if self.odd_user_ids:
+            log.warning("%s: %d users with an id that is neither a string nor an int: answered under the id's "
+                        "JSON text", seq.path, self.odd_user_ids)
         s = self.schema
         self.seqs = np.stack(seqs) if seqs else np.zeros((0, self.maxlen), np.int64)
         self.user_sparse = np.stack(us) if us else np.zeros((0, len(s.user_sparse)), np.int64)

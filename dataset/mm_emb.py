@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -64,15 +64,23 @@ class MMEmbedding:
         return np.where(hit, self._order[pos], -1)
 
 
-def find_feature_source(emb_dir: Path, fid: str) -> tuple[Path, int] | None:
-    """The file or folder holding feature `fid` and the dimension its name carries (`emb_{fid}_{dim}`)."""
+def find_feature_source(emb_dir: Path, fid: str, dim: int | None = None) -> tuple[Path, int] | None:
+    """The file or folder holding feature `fid` and the dimension its name carries (`emb_{fid}_{dim}`). With
+    several candidates (`emb_81_16.pkl` beside `emb_81_32/`), the one of dimension `dim` (what a checkpoint
+    expects); without `dim`, or with two of that dimension, it is a DataFormatError naming them."""
     if not emb_dir.is_dir():
         return None
+    found = []
     for p in sorted(emb_dir.iterdir()):
         m = _NAME_RE.match(p.name)
         if m and m.group(1) == str(fid) and (p.is_dir() or (m.group(3) and p.is_file())):
-            return p, int(m.group(2))
-    return None
+            found.append((p, int(m.group(2))))
+    if dim is not None and len(found) > 1:
+        found = [f for f in found if f[1] == int(dim)] or found
+    if len(found) > 1:
+        raise DataFormatError(f"{emb_dir}: feature {fid} has {len(found)} sources ("
+                              f"{', '.join(f'{p.name}: {d}-d' for p, d in found)}); keep one")
+    return found[0] if found else None
 
 
 def _part_files(folder: Path) -> list[Path]:
@@ -362,11 +370,12 @@ def _try_cached(cdir: Path, stem: str, sig: list, dim: int, fid: str) -> MMEmbed
 
 
 def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathLike | None = None,
-                 use_cache: bool = True) -> MMEmbedding | None:
-    """Load one feature; None (with a warning) when `creative_emb/` or the feature is missing."""
+                 use_cache: bool = True, dim: int | None = None) -> MMEmbedding | None:
+    """Load one feature; None (with a warning) when `creative_emb/` or the feature is missing. `dim`: the width
+    expected (picks among several sources of the feature)."""
     emb_dir = Path(emb_dir)
     fid = str(fid)
-    src = find_feature_source(emb_dir, fid)
+    src = find_feature_source(emb_dir, fid, dim)
     if src is None:
         if not emb_dir.is_dir():
             log.warning("no multimodal embeddings: folder %s not found", emb_dir)
@@ -451,11 +460,13 @@ def _parse_feature(path: Path, files: list[Path], sig: list, dim: int, fid: str,
 
 
 def load_mm_emb(emb_dir: str | os.PathLike, feat_ids: Iterable[str], cache_dir: str | os.PathLike | None = None,
-                use_cache: bool = True) -> dict[str, MMEmbedding]:
-    """Load every listed feature that exists; missing ones are warned about and left out."""
+                use_cache: bool = True, dims: Mapping[str, int] | None = None) -> dict[str, MMEmbedding]:
+    """Load every listed feature that exists; missing ones are warned about and left out. `dims`: the width
+    each feature is expected to have (a checkpoint's schema)."""
     out = {}
+    dims = dims or {}
     for fid in tqdm([str(f) for f in feat_ids], desc="Loading mm_emb", leave=False, disable=progress_disabled()):
-        feat = load_feature(emb_dir, fid, cache_dir, use_cache)
+        feat = load_feature(emb_dir, fid, cache_dir, use_cache, dims.get(fid))
         if feat is not None:
             out[fid] = feat
     return out

@@ -3,25 +3,16 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-# The only globals a data pickle may reference: plain containers and numpy arrays/scalars.
-_ALLOWED_GLOBALS = {
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "dict"), ("builtins", "list"),
-    ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
-    ("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "complex"),
-    ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-}
-
+import numpy as np
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,20 +26,180 @@ class UnsafePickleError(DataFormatError):
     """A pickle that references something other than plain data."""
 
 
+# Numpy objects come out of a pickle only through these stand-ins, checked, then rebuilt from scratch: a crafted
+# pickle can describe an object-dtype array over raw bytes (a segfault on access), a dtype with forged flags, or
+# an empty array of a huge shape (memory). Only plain numeric arrays come out, their bytes all from the file.
+_NUMERIC = re.compile(r"^[biuf](1|2|4|8)$")
+_MAX_DEPTH = 200
+
+
+class _Marker:
+    """numpy.ndarray as a pickle names it (only ever the first argument of _reconstruct)."""
+
+
+class _PendingDtype:
+    __slots__ = ("typestr", "state", "built")
+
+    def __init__(self, typestr: Any = None, *args: Any) -> None:
+        self.typestr, self.state, self.built = typestr, None, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state, self.built = state, None
+
+    def build(self) -> np.dtype:
+        if self.built is not None:  # one dtype object is shared by every array of that type in a pickle
+            return self.built
+        if not isinstance(self.typestr, str) or not _NUMERIC.match(self.typestr):
+            raise pickle.UnpicklingError(f"numpy dtype {self.typestr!r} is not a plain number type")
+        st = self.state
+        order = "|"
+        if st is not None:
+            if not (isinstance(st, tuple) and len(st) >= 5 and all(x is None for x in st[2:5])):
+                raise pickle.UnpicklingError("numpy dtype with fields or sub-arrays")
+            order = st[1] if st[1] in ("<", ">", "|", "=") else "|"
+        dt = np.dtype(self.typestr)
+        self.built = dt.newbyteorder(order) if order in ("<", ">") else dt
+        return self.built
+
+
+class _PendingArray:
+    """Stands where numpy would build an array; the checked array is made as soon as its state arrives."""
+    __slots__ = ("array",)
+
+    def __init__(self) -> None:
+        self.array = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("numpy array without its state")
+        _, shape, dtype, fortran, raw = state
+        self.array = _array(raw, dtype, shape, "F" if fortran else "C")
+
+    def build(self) -> np.ndarray:
+        if self.array is None:
+            raise pickle.UnpicklingError("numpy array without its state")
+        return self.array
+
+
+def _dtype(d: Any) -> np.dtype:
+    if type(d) is _PendingDtype:
+        return d.build()
+    raise pickle.UnpicklingError(f"not a numpy dtype: {type(d).__name__}")
+
+
+def _array(raw: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
+    dt = dtype.build() if type(dtype) is _PendingDtype else _dtype(dtype)
+    if type(shape) is not tuple or not (len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0
+                                        or all(type(n) is int and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"numpy array shape {shape!r}")
+    if type(raw) is not bytes:
+        try:
+            raw = memoryview(raw).cast("B")
+        except TypeError:
+            raise pickle.UnpicklingError("numpy array data is not raw bytes (object arrays are refused)") from None
+    if len(raw) != (shape[0] if len(shape) == 1 else math.prod(shape)) * dt.itemsize:  # all from the file
+        raise pickle.UnpicklingError(f"numpy array of shape {shape} {dt} with {len(raw)} bytes of data")
+    a = np.frombuffer(raw, dtype=dt)
+    if len(shape) != 1 or order == "F":
+        a = a.reshape(shape, order="F" if order == "F" else "C")
+    return a.copy()  # writable, owning its memory, like numpy's own unpickling
+
+
+def _reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> _PendingArray:
+    if cls is not _Marker:
+        raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+    return _PendingArray()
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    return _array(buf, dtype, shape, order)
+
+
+def _scalar(dtype: Any, data: Any = b"") -> Any:
+    return _array(data if isinstance(data, (bytes, bytearray)) else b"?", dtype, ())[()]
+
+
+def _no_size(kind: type) -> Any:
+    """bytes / bytearray from data only: `bytes(2**28)` in a 46-byte pickle would allocate 256 MiB."""
+    def make(arg: Any = b"", *rest: Any) -> Any:
+        if isinstance(arg, int):
+            raise pickle.UnpicklingError(f"{kind.__name__}(<size>) is refused")
+        return kind(arg, *rest)
+    return make
+
+
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:  # protocol 2 writes bytes as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode with other arguments")
+    return text.encode("latin1")
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **{("builtins", n): getattr(__import__("builtins"), n)
+       for n in ("set", "frozenset", "dict", "list", "tuple", "int", "float", "str", "complex")},
+    ("builtins", "bytes"): _no_size(bytes), ("builtins", "bytearray"): _no_size(bytearray),
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("collections", "defaultdict"): __import__("collections").defaultdict,
+    ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): _Marker, ("numpy", "dtype"): _PendingDtype,
+    **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "scalar"): _scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocol <= 2 names them the Python 2 way
         if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+            return _ALLOWED_GLOBALS[(module, name)]
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
+_LEAF = (int, float, str, bytes, bool, type(None), complex, bytearray)
+
+
+def _finish(obj: Any, depth: int = 0, memo: dict | None = None) -> Any:
+    """Replace the numpy stand-ins by their checked arrays and dtypes, anywhere in plain containers."""
+    memo = {} if memo is None else memo
+    if depth > _MAX_DEPTH:
+        raise pickle.UnpicklingError(f"data nested deeper than {_MAX_DEPTH} levels")
+    t = type(obj)
+    if t in _LEAF:
+        return obj
+    if t is _PendingArray or t is _PendingDtype:
+        return obj.build()
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, type):
+        raise pickle.UnpicklingError("a bare class in the data")
+    if isinstance(obj, dict):
+        memo[id(obj)] = obj
+        items = [(k if type(k) in _LEAF else _finish(k, depth + 1, memo),
+                  v.build() if type(v) is _PendingArray else v if type(v) in _LEAF else _finish(v, depth + 1, memo))
+                 for k, v in obj.items()]
+        obj.clear()
+        obj.update(items)
+        return obj
+    if isinstance(obj, list):
+        memo[id(obj)] = obj
+        obj[:] = [v if type(v) in _LEAF else _finish(v, depth + 1, memo) for v in obj]
+        return obj
+    if isinstance(obj, (tuple, set, frozenset)):
+        out = (tuple if isinstance(obj, tuple) else type(obj))(_finish(v, depth + 1, memo) for v in obj)
+        memo[id(obj)] = out
+        return out
+    return obj
+
+
 def load_pickle(path: str | os.PathLike) -> Any:
-    """Unpickle plain data (containers, numbers, strings, numpy arrays); refuse anything that could run code."""
+    """Unpickle plain data (containers, numbers, strings, plain numeric numpy arrays); refuse anything that could
+    run code, crash the process or allocate more than the file holds."""
     path = Path(path)
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return _finish(_RestrictedUnpickler(io.BytesIO(data)).load())
     except pickle.UnpicklingError as e:
         raise UnsafePickleError(f"{path}: refused to unpickle: {e}") from e
     except Exception as e:  # truncated or garbage pickles raise many kinds of errors

@@ -101,8 +101,8 @@ class SeqFile:
         raw = self._fh.readline()
         try:
             rec = json.loads(raw)
-        except ValueError as e:
-            raise DataFormatError(f"{self.path}: line {i + 1}: malformed JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's limit
+            raise DataFormatError(f"{self.path}: line {i + 1}: malformed JSON: {type(e).__name__}: {e}") from None
         if not isinstance(rec, list) or not all(isinstance(r, list) and len(r) == 6 for r in rec):
             raise DataFormatError(f"{self.path}: line {i + 1}: expected a list of 6-field records")
         return rec

@@ -408,3 +408,53 @@ def test_temp_files_of_dead_writers_are_removed(tmp_path):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     load_feature(tmp_path / "creative_emb", "82")
     assert not old.exists() and fresh.exists()  # a writer active in the last minutes may still be alive
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_restricted_unpickler_round_trips_numeric_numpy(tmp_path, protocol):
+    obj = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "F": np.asfortranarray(np.ones((3, 2))),
+           "be": np.arange(3, dtype=">i4"), "b": np.array([True, False]), "u": np.arange(4, dtype=np.uint8),
+           "s": np.float32(2.5), "i": np.int64(-7), "e": np.zeros((0, 4), np.float32),
+           "nested": [(1, np.arange(2, dtype=np.int16))], "od": __import__("collections").OrderedDict(a=1),
+           b"raw": bytearray(b"xy")}
+    p = tmp_path / "x.pkl"
+    p.write_bytes(pickle.dumps(obj, protocol=protocol))
+    back = load_pickle(p)
+    for k in ("f", "F", "be", "b", "u", "e"):
+        np.testing.assert_array_equal(back[k], obj[k])
+        assert back[k].dtype == obj[k].dtype and back[k].flags.writeable
+    assert back["s"] == np.float32(2.5) and back["i"] == -7 and back["od"] == {"a": 1} and back[b"raw"] == b"xy"
+    np.testing.assert_array_equal(back["nested"][0][1], [0, 1])
+
+
+def _crafted(tmp_path, data: bytes):
+    p = tmp_path / "crafted.pkl"
+    p.write_bytes(data)
+    return p
+
+
+def test_crafted_numpy_pickles_are_refused_not_crashing(tmp_path):
+    good = pickle.dumps(np.arange(4, dtype=np.float64), protocol=2)
+    assert b"f8" in good
+    for bad in (good.replace(b"f8", b"O8"),  # object array over raw bytes: pointers forged from the data
+                good.replace(b"f8", b"V8")):  # a void dtype
+        with pytest.raises(UnsafePickleError, match="plain number type"):
+            load_pickle(_crafted(tmp_path, bad))
+    big_shape = pickle.dumps(np.arange(4, dtype=np.float64), protocol=2).replace(b"K\x04\x85", b"J\x00\x00\x00\x40\x85")
+    with pytest.raises((UnsafePickleError, DataFormatError)):
+        load_pickle(_crafted(tmp_path, big_shape))  # shape 2**30, 32 bytes of data: refused, nothing allocated
+    with pytest.raises(UnsafePickleError, match="refused"):
+        load_pickle(_crafted(tmp_path, b"\x80\x04cbuiltins\nbytes\nJ\x00\x00\x00\x10\x85R."))  # bytes(2**28)
+    with pytest.raises(UnsafePickleError, match="refused"):
+        load_pickle(_crafted(tmp_path, b"\x80\x04cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R."))
+
+
+def test_two_sources_of_one_feature_pick_the_expected_width_or_fail_clearly(tmp_path):
+    emb = tmp_path / "creative_emb"
+    emb.mkdir()
+    (emb / "emb_81_16.pkl").write_bytes(pickle.dumps({1: np.ones(16, np.float32)}))
+    _emb_folder(tmp_path, 81, 32, [json.dumps({"anonymous_cid": 1, "emb": [0.5] * 32})])
+    assert load_mm_emb(emb, ["81"], dims={"81": 32})["81"].dim == 32
+    assert load_mm_emb(emb, ["81"], dims={"81": 16})["81"].dim == 16
+    with pytest.raises(DataFormatError, match=r"feature 81 has 2 sources \(emb_81_16.pkl: 16-d, emb_81_32: 32-d\)"):
+        load_mm_emb(emb, ["81"])

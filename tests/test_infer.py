@@ -446,3 +446,53 @@ def test_a_broken_checkpoint_is_one_line(world, checkpoint, tmp_path, what, cont
     assert main(["--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(tmp_path / "r")]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(ck / what) in errors[0]
+
+
+@pytest.mark.parametrize("field,value", [("user", {"a": 1}), ("user", [1]), ("user", 1.5), ("item", 2**70),
+                                         ("item", 1.5), ("item", "abc"), ("features", [1, 2])])
+def test_odd_values_in_a_test_sequence_never_drop_a_user(world, checkpoint, tmp_path, field, value):
+    _, ev = world
+    lines = (ev / "predict_seq.jsonl").read_text().splitlines()
+    recs = json.loads(lines[3])
+    pos = {"user": 0, "item": 1, "features": 3}[field]
+    recs[0][pos] = value
+    lines[3] = json.dumps(recs)
+    (ev / "predict_seq.jsonl").write_text("\n".join(lines) + "\n")
+    (ev / "predict_seq_offsets.pkl").unlink()
+    top, users, _ = run(_cfg(ev, checkpoint, tmp_path))
+    assert len(users) == len(top) == 40 and all(len(t) == 10 for t in top)
+    if field == "user":
+        assert users[3] == json.dumps(value, separators=(",", ":"))
+
+
+def test_a_broken_test_sequence_line_is_one_line_naming_it(world, checkpoint, tmp_path, caplog):
+    from evalu.infer import main
+
+    _, ev = world
+    lines = (ev / "predict_seq.jsonl").read_text().splitlines()
+    lines[5] = "[" * 100_000 + "]" * 100_000
+    (ev / "predict_seq.jsonl").write_text("\n".join(lines) + "\n")
+    (ev / "predict_seq_offsets.pkl").unlink()
+    assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(tmp_path / "r")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "predict_seq.jsonl: line 6" in errors[0]
+
+
+def test_indexer_of_another_world_is_a_warning(world, checkpoint, tmp_path, caplog):
+    import shutil as sh
+
+    from dataset.synth import SynthConfig, generate
+    from conftest import TINY
+
+    _, ev = world
+    generate(tmp_path / "other", SynthConfig(**{**TINY.__dict__, "items": 350, "seed": 9}))
+    with caplog.at_level("WARNING"):
+        run(_cfg(ev, checkpoint, tmp_path / "a"))
+    assert "do not match the checkpoint's training data" not in caplog.text  # its own world: silent
+    for name in ("indexer.pkl", "item_feat_dict.json"):
+        sh.copy(tmp_path / "other" / name, ev / name)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        top, users, _ = run(_cfg(ev, checkpoint, tmp_path / "b"))
+    assert "do not match the checkpoint's training data" in caplog.text and "items in indexer.pkl" in caplog.text
+    assert len(users) == 40
