@@ -458,3 +458,32 @@ def test_two_sources_of_one_feature_pick_the_expected_width_or_fail_clearly(tmp_
     assert load_mm_emb(emb, ["81"], dims={"81": 16})["81"].dim == 16
     with pytest.raises(DataFormatError, match=r"feature 81 has 2 sources \(emb_81_16.pkl: 16-d, emb_81_32: 32-d\)"):
         load_mm_emb(emb, ["81"])
+
+
+def test_the_validation_click_is_never_a_training_target(world):
+    train, _ = world
+    ds = TrainDataset(train, maxlen=200, random_window=False)  # maxlen above every length: whole sequences
+    checked = 0
+    for i in range(len(ds)):
+        u = ds._parse(ds.seq[i], register_unseen=False)
+        cut = ds._holdout(u["actions"])
+        if cut is None:
+            continue
+        pos = ds[i]["pos"]
+        assert pos[pos > 0].tolist() == u["slots"][1:cut]  # the targets stop before the held-out click
+        checked += 1
+    assert checked > 50
+
+
+def test_rank_metrics_against_hand_computed_values():
+    import math
+
+    from model.metrics import rank_metrics
+
+    m = rank_metrics(np.array([1, 2, 3, 10, 11, np.inf]))
+    hr = 4 / 6
+    ndcg = (1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(11)) / 6
+    assert m["users"] == 6 and m["hr@10"] == pytest.approx(hr) and m["ndcg@10"] == pytest.approx(ndcg)
+    assert m["score"] == pytest.approx(0.31 * hr + 0.69 * ndcg)
+    w = rank_metrics(np.array([1, np.inf]), weights=np.array([2.5, 1.0]))  # a conversion weighs 2.5
+    assert w["hr@10"] == pytest.approx(2.5 / 3.5) and w["ndcg@10"] == pytest.approx(2.5 / 3.5)

@@ -496,3 +496,34 @@ def test_indexer_of_another_world_is_a_warning(world, checkpoint, tmp_path, capl
         top, users, _ = run(_cfg(ev, checkpoint, tmp_path / "b"))
     assert "do not match the checkpoint's training data" in caplog.text and "items in indexer.pkl" in caplog.text
     assert len(users) == 40
+
+
+def test_bootstrap_reuses_the_trained_ids_exactly(world, checkpoint, tmp_path):
+    """IDs that re-encoding would not give: the checkpoint's (here altered) trained IDs are what is served."""
+    import shutil as sh
+
+    from dataset.semantic_ids import save_semantic_ids
+    from model.checkpoint import load_checkpoint
+
+    _, ev = world
+    ck = tmp_path / "ck"
+    sh.copytree(checkpoint, ck)
+    trained = load_checkpoint(ck)[3]
+    altered = {c: [(v + 17) % 256 for v in codes] for c, codes in trained.items()}
+    save_semantic_ids(ck / "semantic_id_dict.json", altered)
+    boot, served = _served(ev, ck, tmp_path / "r")
+    assert boot["status"] == "encoded" and boot["generation"]["reused_ids"] == len(altered)
+    assert served == altered
+
+
+def test_concurrent_runs_one_generates_the_other_loads(world, checkpoint, tmp_path):
+    _, ev = world
+    env = {**os.environ, "EVAL_DATA_PATH": str(ev), "MODEL_OUTPUT_PATH": str(checkpoint)}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "evalu" / "infer.py")],
+                              env={**env, "EVAL_RESULT_PATH": str(tmp_path / f"r{i}")}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    status = sorted(json.loads((tmp_path / f"r{i}" / "infer_report.json").read_text())["semantic_id"]["status"]
+                    for i in range(2))
+    assert status == ["encoded", "loaded"]  # under the lock the second finds the first's file

@@ -303,3 +303,96 @@ def test_dedup_ranks_codes_like_the_plain_distance_in_chunks():
     plain = ((resid[rows, None, :].astype(np.float64) - cb[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_allclose(own, plain[np.arange(len(rows)), own_code], rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(ranked, np.argsort(plain, axis=1, kind="stable"))
+
+
+def test_fit_oom_halves_the_batch_then_falls_back_to_cpu(monkeypatch, caplog):
+    """The OOM raised inside the training step itself; fit retries with half the batch, and below 64 on the CPU."""
+    from rqvae.model import RQVAE as Model
+
+    x = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float32)
+    real, calls = Model.forward, {"oom": 0}
+
+    def forward(self, xb):
+        if len(xb) > 128:
+            calls["oom"] += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, xb)
+
+    monkeypatch.setattr(Model, "forward", forward)
+    with caplog.at_level("WARNING"):
+        model, rep = fit(x, RQVAEConfig(**{**FAST, "batch_size": 512}))
+    assert rep["batch_size"] == 128 and calls["oom"] == 2  # 512 -> 256 -> 128
+    assert "retrying with batch size 256" in caplog.text and "retrying with batch size 128" in caplog.text
+    calls["oom"] = 0
+
+    def forward_oom_4_times(self, xb):  # 512, 256, 128, 64: then the CPU, at the configured batch again
+        calls["oom"] += 1
+        if calls["oom"] <= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, xb)
+
+    monkeypatch.setattr(Model, "forward", forward_oom_4_times)
+    with caplog.at_level("WARNING"):
+        model, rep = fit(x, RQVAEConfig(**{**FAST, "batch_size": 512}))
+    assert "falling back to CPU" in caplog.text and rep["device"] == "cpu" and rep["batch_size"] == 512
+
+
+def test_encode_oom_halves_the_batch_and_gives_the_same_codes(monkeypatch, caplog):
+    from rqvae.quantizer import ResidualQuantizer
+
+    x = np.random.default_rng(1).normal(size=(3000, 8)).astype(np.float32)
+    model, _ = fit(x, RQVAEConfig(**FAST))
+    want = encode(model, x, batch_size=100)
+    real = ResidualQuantizer.encode
+
+    def enc(self, z):
+        if len(z) > 1000:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, z)
+
+    monkeypatch.setattr(ResidualQuantizer, "encode", enc)
+    with caplog.at_level("WARNING"):
+        got = encode(model, x, batch_size=4096)
+    np.testing.assert_array_equal(got, want)
+    assert "batch size 2048" in caplog.text and "batch size 1024" in caplog.text and "batch size 512" in caplog.text
+
+
+def test_atomic_write_failing_mid_write_keeps_the_old_file(tmp_path):
+    from dataset.safeio import atomic_open, write_json
+
+    p = tmp_path / "semantic_id_report.json"
+    write_json(p, {"old": True})
+    before = p.read_bytes()
+    with pytest.raises(RuntimeError):
+        with atomic_open(p, "w") as f:
+            f.write('{"new": ')  # bytes already written when the failure comes
+            f.flush()
+            raise RuntimeError("disk on fire")
+    with pytest.raises(TypeError):
+        write_json(p, {"a": 1, "b": object()})  # json.dump fails half way through the object
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == [p.name]  # no temp file left behind
+
+
+def test_the_file_lock_makes_a_second_process_wait(tmp_path):
+    """Two processes never generate into one folder at once: the second waits for the first's lock."""
+    import time
+
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from pathlib import Path\nfrom evalu.semantic_bootstrap import _file_lock\n"
+            f"with _file_lock(Path({str(tmp_path)!r})):\n"
+            f"    Path({str(tmp_path / 'held')!r}).write_text('1')\n    time.sleep(1.5)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        t0 = time.time()
+        while not (tmp_path / "held").exists():
+            assert time.time() - t0 < 60, "the lock holder never started"
+            time.sleep(0.02)
+        from evalu.semantic_bootstrap import _file_lock
+
+        t = time.perf_counter()
+        with _file_lock(tmp_path):
+            waited = time.perf_counter() - t
+    finally:
+        holder.wait(timeout=60)
+    assert waited > 0.8, waited
