@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -92,8 +92,12 @@ def _part_files(folder: Path) -> list[Path]:
 
 def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[int], list[np.ndarray]]:
     ids, rows = [], []
+    limit = max_line_bytes(dim)
     for line in lines:
         if not line.strip():
+            continue
+        if len(line) > limit:
+            skipped["too_long"] = skipped.get("too_long", 0) + 1
             continue
         try:
             obj = json.loads(line)
@@ -212,18 +216,40 @@ def _ranges(files: list[Path]) -> list[tuple[str, int, int]]:
     return out
 
 
+def max_line_bytes(dim: int) -> int:
+    """Longest line read as a row: far above any real row (about 25 bytes a number), so a corrupt multi-GB line
+    is skipped and counted instead of being parsed (15x its size in memory)."""
+    return max(1 << 20, 64 * dim + 4096)
+
+
+def _skip_line(f: Any) -> None:
+    """Move past the next newline reading 1 MiB at a time (a line may be larger than memory)."""
+    while True:
+        chunk = f.readline(1 << 20)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
 def _parse_range(task: tuple[str, int, int, int]) -> tuple[np.ndarray, np.ndarray, dict, int]:
     """Parse the lines that start inside [start, end) of a file: (ids, rows, skipped, bytes). Runs in workers."""
     path, start, end, dim = task
+    limit = max_line_bytes(dim)
+    skipped: dict = {}
     with open(path, "rb") as f:
         if start > 0:
             f.seek(start - 1)
-            f.readline()  # the line holding byte start-1 belongs to the previous range
+            _skip_line(f)  # the line holding byte start-1 belongs to the previous range
         pos = f.tell()
         block = f.read(max(end - pos, 0)) if pos < end else b""
-        if block and not block.endswith(b"\n"):
-            block += f.readline()  # finish the last line that starts inside the range
-    skipped: dict = {}
+        if block and not block.endswith(b"\n"):  # finish the last line that starts inside the range ...
+            rest = f.readline(limit + 1)
+            if len(rest) > limit or (len(block) - block.rfind(b"\n") - 1) + len(rest) > limit:
+                block = block[:block.rfind(b"\n") + 1]  # ... unless it is too long to be a row: skip it
+                skipped["too_long"] = skipped.get("too_long", 0) + 1
+                if not rest.endswith(b"\n"):
+                    _skip_line(f)
+            else:
+                block += rest
     parsed = _native_parse(block, dim) if block and not block.isspace() else None
     if parsed is None:
         parsed = parse_chunk(block.decode("utf-8", errors="replace"), dim, skipped)

@@ -186,3 +186,15 @@ def test_bootstrap_draws_the_picture_when_asked(world, checkpoint, tmp_path):
                  "--plot"]) == 0
     rep = json.loads((tmp_path / "r" / "infer_report.json").read_text())
     assert Path(rep["semantic_id"]["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unwritable_results_dir_fails_before_the_work(world, checkpoint, tmp_path, monkeypatch, caplog):
+    import evalu.infer as inf
+
+    _, ev = world
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(inf, "ensure_semantic_ids", lambda *a, **k: pytest.fail("worked on an unwritable results dir"))
+    assert inf.main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir",
+                     str(tmp_path / "afile" / "results")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot be written" in errors[0]

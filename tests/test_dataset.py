@@ -487,3 +487,14 @@ def test_rank_metrics_against_hand_computed_values():
     assert m["score"] == pytest.approx(0.31 * hr + 0.69 * ndcg)
     w = rank_metrics(np.array([1, np.inf]), weights=np.array([2.5, 1.0]))  # a conversion weighs 2.5
     assert w["hr@10"] == pytest.approx(2.5 / 3.5) and w["ndcg@10"] == pytest.approx(2.5 / 3.5)
+
+
+def test_a_huge_line_is_skipped_without_reading_it_into_memory(tmp_path, monkeypatch):
+    import dataset.mm_emb as mm
+
+    good = [json.dumps({"anonymous_cid": i, "emb": [i, -i]}) for i in range(1, 200)]
+    huge = '{"anonymous_cid": 999, "emb": [' + "1.0, " * 600_000 + '1.0]}'  # 3 MB, over the 1 MiB bound
+    _emb_folder(tmp_path, 82, 2, good[:100] + [huge] + good[100:] + [huge])
+    monkeypatch.setattr(mm, "_CHUNK_BYTES", 1 << 16)  # the huge lines span many chunks
+    f = load_feature(tmp_path / "creative_emb", "82", use_cache=False)
+    assert sorted(f.ids.tolist()) == list(range(1, 200)) and f.skipped == {"too_long": 2}
