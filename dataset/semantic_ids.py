@@ -32,8 +32,8 @@ def load_semantic_ids(path: str | os.PathLike, num_levels: int = 4,
         raise CorruptSemanticIdFile(f"{path}: empty file")
     try:
         raw = json.loads(text)
-    except ValueError as e:
-        raise CorruptSemanticIdFile(f"{path}: not valid JSON (truncated?): {e}") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's limit
+        raise CorruptSemanticIdFile(f"{path}: not valid JSON (truncated?): {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise CorruptSemanticIdFile(f"{path}: expected a JSON object, got {type(raw).__name__}")
     out: dict[int, list[int]] = {}
@@ -42,6 +42,9 @@ def load_semantic_ids(path: str | os.PathLike, num_levels: int = 4,
         try:
             cid = int(k)
         except ValueError:
+            invalid += 1
+            continue
+        if not -(1 << 63) <= cid < (1 << 63):  # a creative id is an int64
             invalid += 1
             continue
         if (isinstance(v, list) and len(v) == num_levels

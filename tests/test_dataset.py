@@ -498,3 +498,60 @@ def test_a_huge_line_is_skipped_without_reading_it_into_memory(tmp_path, monkeyp
     monkeypatch.setattr(mm, "_CHUNK_BYTES", 1 << 16)  # the huge lines span many chunks
     f = load_feature(tmp_path / "creative_emb", "82", use_cache=False)
     assert sorted(f.ids.tolist()) == list(range(1, 200)) and f.skipped == {"too_long": 2}
+
+
+def test_semantic_id_file_with_huge_keys_or_deep_nesting(tmp_path):
+    p = tmp_path / "semantic_id_dict.json"
+    p.write_text('{"99999999999999999999999": [1, 2, 3, 4], "5": [1, 2, 3, 4]}')
+    ids, invalid = load_semantic_ids(p)
+    assert ids == {5: [1, 2, 3, 4]} and invalid == 1
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    from dataset import CorruptSemanticIdFile
+
+    with pytest.raises(CorruptSemanticIdFile, match="RecursionError"):
+        load_semantic_ids(p)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the parse pool needs 2 cores")
+def test_parse_workers_die_with_a_killed_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import dataset.mm_emb as mm
+def stuck(task):
+    open(os.path.join({str(tmp_path)!r}, f"w{{os.getpid()}}"), "w").close()
+    time.sleep(60)
+mm._parse_range = stuck
+list(mm._parsed_ranges([("x", 0, 1, 2)] * 4))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    t0 = time.time()
+    while len(list(tmp_path.glob("w*"))) < 2:
+        assert time.time() - t0 < 60 and proc.poll() is None, "workers never started"
+        time.sleep(0.05)
+    pids = [int(p.name[1:]) for p in tmp_path.glob("w*")]
+    proc.send_signal(signal.SIGKILL)  # kill -9 the loading process
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie waiting for its reaper counts as gone
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    t0 = time.time()
+    while any(alive(p) for p in pids) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "parse workers outlived their parent"

@@ -396,3 +396,18 @@ def test_the_file_lock_makes_a_second_process_wait(tmp_path):
     finally:
         holder.wait(timeout=60)
     assert waited > 0.8, waited
+
+
+def test_training_assigns_codes_in_fp32_under_autocast():
+    """Training-time assignment under bf16 autocast picks the codes encode (fp32) picks."""
+    from rqvae.quantizer import ResidualQuantizer
+
+    torch.manual_seed(0)
+    q = ResidualQuantizer(4, 64, 16)
+    z = torch.randn(4000, 16)
+    q.init_from_data(z, iters=3)
+    q.eval()  # no EMA update between the two
+    want, _ = q.encode(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got, _ = q(z)
+    assert torch.equal(got, want)
