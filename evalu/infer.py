@@ -29,6 +29,7 @@ from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logg
                          run_cli, setup_logging)
 from dataset.safeio import cache_root, is_writable_dir, write_json
 from model.metrics import rank_metrics, ranks_in_topk
+from evalu import shard
 from evalu.retrieval import topk_faiss, topk_inner_product
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from model.checkpoint import is_checkpoint, load_checkpoint
@@ -55,6 +56,8 @@ class InferConfig:
     query_batch_size: int = 512
     device: str = "auto"
     plot: bool = False  # draw semantic_id_report.png when the bootstrap makes IDs (needs matplotlib)
+    num_shards: int = 1  # no-network sharding: this process answers shard `shard_id` of `num_shards` of the users
+    shard_id: int = 0
 
     CHOICES = {"retrieval": ("torch", "faiss")}
     HELP = {"data_dir": "eval data dir (env EVAL_DATA_PATH)", "result_dir": "where result.json goes (env EVAL_RESULT_PATH)",
@@ -67,6 +70,9 @@ class InferConfig:
                                                           "line) for metrics; default: the data dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
             "plot": "when the bootstrap makes IDs, also draw semantic_id_report.png beside its report (needs matplotlib)",
+            "num_shards": "split the users into this many shards, each run anywhere on its own (no network); "
+                          "merge with genrec-merge / python -m evalu.shard",
+            "shard_id": "which shard this process answers (0 .. num_shards - 1)",
             "device": "inference device, and the RQ-VAE's when IDs are made: auto (cuda when available), cpu, cuda"}
 
     @classmethod
@@ -81,6 +87,10 @@ class InferConfig:
         """Wrong values found before any work (and before any folder is made): CliError, one line."""
         if self.query_batch_size < 1:
             raise CliError(f"--query_batch_size must be >= 1, got {self.query_batch_size}")
+        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
+            raise CliError(f"--shard_id {self.shard_id} --num_shards {self.num_shards}: want 0 <= shard_id < num_shards")
+        if self.num_shards > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise CliError("--num_shards is for runs without torchrun; under torchrun the ranks share the work")
         if self.retrieval == "faiss":
             try:
                 import faiss  # noqa: F401
@@ -146,35 +156,40 @@ def _find_checkpoint(model_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: torch.device) -> tuple[list[list[int]], float]:
-    """Top-10 raw creative ids per user; also the time embedding finished (for the report)."""
+def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: torch.device, d: shard.Dist,
+              users: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), and when embedding finished.
+    Under torchrun each rank embeds whole chunks of the candidates (gathered by all) and scores its users."""
     model.eval()
     slots = ds.candidate_slots
-    cand = torch.cat([model.item_vectors(torch.as_tensor(slots[lo:lo + 65536], device=device))
-                      for lo in range(0, len(slots), 65536)]) if len(slots) else \
-        torch.zeros(0, model.cfg.hidden, device=device)
-    queries = torch.cat([model.query(torch.as_tensor(ds.seqs[lo:lo + cfg.query_batch_size], device=device),
-                                     torch.as_tensor(ds.user_sparse[lo:lo + cfg.query_batch_size], device=device),
-                                     torch.as_tensor(ds.user_array[lo:lo + cfg.query_batch_size], device=device))
-                         for lo in range(0, len(ds), cfg.query_batch_size)]) if len(ds) else cand[:0]
+    c_lo, c_hi = shard.span(len(slots), d.world, d.rank, shard.CAND_CHUNK)
+    width = model.cfg.hidden + int(model.cfg.item_bias)
+    mine = [model.item_vectors(torch.as_tensor(slots[lo:min(lo + shard.CAND_CHUNK, c_hi)], device=device))
+            for lo in range(c_lo, c_hi, shard.CAND_CHUNK)]
+    cand = shard.gather_rows(d, torch.cat(mine) if mine else torch.zeros(0, width, device=device))
+    lo, hi, qb = users[0], users[1], cfg.query_batch_size
+    queries = torch.cat([model.query(torch.as_tensor(ds.seqs[b:min(b + qb, hi)], device=device),
+                                     torch.as_tensor(ds.user_sparse[b:min(b + qb, hi)], device=device),
+                                     torch.as_tensor(ds.user_array[b:min(b + qb, hi)], device=device))
+                         for b in range(lo, hi, qb)]) if hi > lo else torch.zeros(0, width, device=device)
     t_embed = time.perf_counter()
     # History items: removed (--filter-seen), or scored with the model's learnt offset for them.
     exclude, offset = None, float("-inf") if cfg.filter_seen else model.history_offset()
     if offset != 0:
-        pos_of_slot = {int(s): i for i, s in enumerate(ds.candidate_slots)}
-        exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64) for h in ds.histories]
+        pos_of_slot = {int(s): i for i, s in enumerate(slots)}
+        exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
+                   for h in ds.histories[lo:hi]]
     if cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
-        _, idx = topk_inner_product(queries, cand, 10, exclude, offset=offset)
+        _, idx = topk_inner_product(queries, cand, 10, exclude, user_chunk=shard.topk_user_chunk(qb), offset=offset)
         idx = idx.numpy()
-    cids = ds.candidates.creative_ids
-    top10s = [[int(cids[i]) for i in row if i >= 0] for row in idx]
-    return top10s, t_embed
+    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed
 
 
 def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
-    """Everything but writing files: (top10s, users, report)."""
+    """Everything but writing files: (top10s, users, report). Under torchrun every rank takes part and rank 0
+    gets all users (the others get empty lists); with --num_shards, the users of this shard."""
     t = {"start": time.perf_counter()}
     cfg.check()
     if not (cfg.data_dir or cfg.result_dir or cfg.model_dir):
@@ -186,31 +201,27 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
         cfg = replace(cfg, labels=str(Path(cfg.data_dir) / "labels.jsonl"))
     t["setup"] = time.perf_counter()  # the demo world and its model are made here on a first run
     result_dir = Path(cfg.result_dir)
-    device = resolve_device(cfg.device)
-    ckpt = _find_checkpoint(Path(cfg.model_dir))
-    model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
-    log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
-    t["load_model"] = time.perf_counter()
-    ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],
-                     sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
-    log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
-    t["load_data"] = time.perf_counter()
-    # Only now, with model and data read, does the results folder come to be (a failed run leaves none).
-    if not is_writable_dir(result_dir):
-        raise PermissionError(f"results folder {result_dir} cannot be written")
-    if model.cfg.use_semantic_ids:
-        boot = ensure_semantic_ids(ds, result_dir, rq, (meta.get("rqvae") or {}).get("features"), trained_ids,
-                                   cfg.allow_semantic_generation, cfg.mm_emb_id, rq_args)
-        boot_info = asdict(boot)
-        rep_path = Path(boot.path).parent / "semantic_id_report.json" if boot.path else None
-        if cfg.plot and boot.generation and rep_path is not None and rep_path.is_file():
-            from rqvae.plot import plot_report
+    d = shard.init(resolve_device(cfg.device))
+    device = d.device
+    try:
+        ckpt = _find_checkpoint(Path(cfg.model_dir))
+        model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
+        log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
+        t["load_model"] = time.perf_counter()
+        ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],
+                         sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
+        log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
+        t["load_data"] = time.perf_counter()
+        # Only now, with model and data read, does the results folder come to be (a failed run leaves none).
+        if not is_writable_dir(result_dir):
+            raise PermissionError(f"results folder {result_dir} cannot be written")
+    except BaseException:
+        shard.all_ok(d, False, "loading") if d.active else None
+        raise
+    shard.all_ok(d, True, "loading")
 
-            try:  # a picture is extra: never the reason a run fails
-                boot_info["plot"] = str(plot_report(rep_path))
-                log.info("wrote %s", boot_info["plot"])
-            except (OSError, ValueError) as e:
-                log.warning("no semantic-ID picture: %s", e)
+    if model.cfg.use_semantic_ids:
+        boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_args)
     else:
         boot_info = {"status": "unused (the model was trained without semantic IDs)"}
     t["semantic_ids"] = time.perf_counter()
@@ -219,18 +230,31 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     if cfg.filter_seen is None:
         cfg = replace(cfg, filter_seen=bool(meta.get("train", {}).get("filter_seen", False)))
     log.info("history filtering %s", "on" if cfg.filter_seen else "off")
-    top10s, t["embed"] = _retrieve(model, ds, cfg, device)
+    parts, part = (d.world, d.rank) if d.active else (cfg.num_shards, cfg.shard_id)
+    u_lo, u_hi = shard.span(len(ds), parts, part, cfg.query_batch_size)  # whole query batches: same rows as alone
+    idx, t["embed"] = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
+    c_lo, c_hi = shard.span(len(ds.candidate_slots), d.world, d.rank, shard.CAND_CHUNK)
+    share = {"users": u_hi - u_lo, "candidates_embedded": c_hi - c_lo}
+    if d.active:  # rank order = user order
+        idx = shard.gather_rows(d, torch.as_tensor(idx)).numpy()
+        u_lo, u_hi = 0, len(ds)
+    cids = ds.candidates.creative_ids
+    top10s = [[int(cids[i]) for i in row if i >= 0] for row in idx]
+    users = ds.users[u_lo:u_hi]
     t["retrieve"] = time.perf_counter()
 
     report: dict[str, Any] = {"checkpoint": str(ckpt), "data_dir": str(cfg.data_dir), "result_dir": str(result_dir),
-                              "users": len(ds),
+                              "users": len(users),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
                               "filter_seen": cfg.filter_seen,
-                              "device": str(device)}
+                              "device": str(device), "world_size": d.world}
+    if cfg.num_shards > 1:
+        report["shard"] = {"shard_id": cfg.shard_id, "num_shards": cfg.num_shards, "user_start": u_lo,
+                           "users_total": len(ds)}
     labels_path = cfg.labels
-    if labels_path and Path(labels_path).is_file():
+    if labels_path and Path(labels_path).is_file() and d.lead:
         try:  # metrics are extra: a bad labels file never costs the results
-            report["metrics"] = evaluate(top10s, ds.users, labels_path, set(ds.indexer["i"].keys()))
+            report["metrics"] = evaluate(top10s, users, labels_path, set(ds.indexer["i"].keys()))
         except (ValueError, OSError) as e:
             log.warning("no metrics: %s", e)
             report["metrics_error"] = str(e)
@@ -241,7 +265,43 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     report["seconds"] = {b: round(t[b] - t[a], 3) for a, b in zip(stages, stages[1:])}
     report["seconds"]["total"] = round(time.perf_counter() - t["start"], 3)
     report["memory"] = peak_memory_mb(device)
-    return top10s, ds.users, report
+    if d.active:
+        ranks = shard.gather_objects(d, {"rank": d.rank, **share, "seconds": report["seconds"], "memory": report["memory"],
+                                         "semantic_id_status": boot_info.get("local_status", boot_info.get("status"))})
+        report["ranks"] = ranks
+        report["rank"] = d.rank
+        if not d.lead:
+            return [], [], report
+    return top10s, users, report
+
+
+def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, rq: Any, meta: dict,
+               trained_ids: dict, rq_args: Any) -> dict:
+    """The semantic-ID bootstrap; under torchrun rank 0 makes the IDs (once, under the lock) while the others
+    wait, then load what it wrote, or degrade as it did: every rank serves the same IDs and reports rank 0's
+    status."""
+    feats = (meta.get("rqvae") or {}).get("features")
+    if d.lead:
+        boot = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, cfg.allow_semantic_generation,
+                                   cfg.mm_emb_id, rq_args)
+        info = asdict(boot)
+        rep_path = Path(boot.path).parent / "semantic_id_report.json" if boot.path else None
+        if cfg.plot and boot.generation and rep_path is not None and rep_path.is_file():
+            from rqvae.plot import plot_report
+
+            try:  # a picture is extra: never the reason a run fails
+                info["plot"] = str(plot_report(rep_path))
+                log.info("wrote %s", info["plot"])
+            except (OSError, ValueError) as e:
+                log.warning("no semantic-ID picture: %s", e)
+    info = shard.broadcast_object(d, info if d.lead else None)
+    if not d.lead:
+        ds.rebuild()  # whatever rank 0 wrote
+        mine = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, False, cfg.mm_emb_id, rq_args)
+        if mine.items != info.get("items"):
+            log.warning("rank %d serves %d semantic IDs, rank 0 %d", d.rank, mine.items, info.get("items"))
+        info = {**info, "local_status": mine.status}
+    return info
 
 
 def evaluate(top10s: list[list[int]], users: list[str], labels_path: str, warm: set) -> dict:
@@ -272,19 +332,34 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     cfg = InferConfig.from_env_and_args(args)
     t0 = time.perf_counter()
-    top10s, users, report = run(cfg, args)
+    try:
+        top10s, users, report = run(cfg, args)
+    finally:
+        shard.close(shard.Dist(world=int(os.environ.get("WORLD_SIZE", "1") or 1)))
+    if report.get("rank", 0) != 0:
+        return 0  # rank 0 writes the files
     result_dir = Path(report["result_dir"])  # run() resolved it (the demo's, when no paths are set)
-    write_json(result_dir / RESULT_FILE, {"time": round(time.perf_counter() - t0, 3), "top10s": top10s, "user": users},
-               compact=True)
-    write_json(result_dir / REPORT_FILE, report)
-    log.info("wrote %s and %s (%d users)", result_dir / RESULT_FILE, result_dir / REPORT_FILE, len(users))
+    sh = report.get("shard")
+    name, rep_name = (shard.shard_file(sh["shard_id"], sh["num_shards"]),
+                      f"infer_report.shard-{sh['shard_id']:04d}-of-{sh['num_shards']:04d}.json") if sh \
+        else (RESULT_FILE, REPORT_FILE)
+    result = {"time": round(time.perf_counter() - t0, 3), "top10s": top10s, "user": users}
+    if sh:
+        result.update(sh)
+    write_json(result_dir / name, result, compact=True)
+    write_json(result_dir / rep_name, report)
+    log.info("wrote %s and %s (%d users)", result_dir / name, result_dir / rep_name, len(users))
     # The summary, on stdout (logs go to stderr).
     sid = report.get("semantic_id", {})
-    print(f"{len(users)} users x {report['candidates']} candidates in {report['seconds']['total']:.1f} s; "
+    ranks = f" on {report['world_size']} ranks" if report.get("world_size", 1) > 1 else ""
+    print(f"{len(users)} users x {report['candidates']} candidates in {report['seconds']['total']:.1f} s{ranks}; "
           f"semantic IDs: {sid.get('status', '?')}; history filtering {'on' if report['filter_seen'] else 'off'}")
-    for name, m in report.get("metrics", {}).items():
-        print(f"  {name:10s} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  score {m['score']:.4f}  ({m['users']} users)")
-    print(f"results: {result_dir / RESULT_FILE}\nreport:  {result_dir / REPORT_FILE}")
+    for mname, m in report.get("metrics", {}).items():
+        print(f"  {mname:10s} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  score {m['score']:.4f}  ({m['users']} users)")
+    print(f"results: {result_dir / name}\nreport:  {result_dir / rep_name}")
+    if sh:
+        print(f"shard {sh['shard_id']} of {sh['num_shards']}: merge all shards with "
+              f"python -m evalu.shard --result_dir {result_dir}")
     return 0
 
 

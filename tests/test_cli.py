@@ -171,7 +171,8 @@ def test_console_scripts_are_declared_and_point_at_mains():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"genrec-infer", "genrec-train", "genrec-train-rqvae", "genrec-synth", "genrec-convert-ml100k"}
+    assert set(scripts) == {"genrec-infer", "genrec-train", "genrec-train-rqvae", "genrec-synth", "genrec-convert-ml100k",
+                            "genrec-merge"}
     for target in scripts.values():
         mod, fn = target.split(":")
         assert callable(getattr(importlib.import_module(mod), fn))

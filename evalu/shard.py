@@ -1,0 +1,213 @@
+"""Inference past one process: ranks of one torchrun job (torch.distributed: nccl on GPUs, gloo on CPUs), or
+independent shards that share no network (`--num_shards K --shard_id i`, merged afterwards).
+
+Work is split in whole batches, at the same boundaries a single process uses, so every row is computed exactly
+as it would be alone: the sharded result is identical to the single-process one on the same device type.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dataset.safeio import DataFormatError, write_json
+
+CAND_CHUNK = 65536  # candidates embedded per call, in one process or many
+TOPK_USER_CHUNK = 256  # at most this many users per score block inside retrieval
+
+
+@dataclass
+class Dist:
+    """Where this process stands: rank r of `world` (a torchrun job), or the single process (world 1)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: torch.device) -> Dist:
+    """Join the torchrun job this process belongs to (WORLD_SIZE > 1), or none. Collectives time out after
+    $GENREC_DIST_TIMEOUT seconds (default 1800): a rank that died never leaves the others hanging for ever."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist(device=device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        timeout = timedelta(seconds=float(os.environ.get("GENREC_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+def span(n: int, parts: int, part: int, align: int) -> tuple[int, int]:
+    """[lo, hi) of `part` when [0, n) is cut into `parts` runs of whole `align`-sized blocks."""
+    blocks = math.ceil(n / align) if n else 0
+    lo_b, hi_b = blocks * part // parts, blocks * (part + 1) // parts
+    return min(lo_b * align, n), min(hi_b * align, n)
+
+
+def topk_user_chunk(query_batch_size: int) -> int:
+    """Users per retrieval score block: the largest divisor of the query batch up to TOPK_USER_CHUNK, so a split
+    at a multiple of the query batch is also a block boundary."""
+    return next(c for c in range(min(query_batch_size, TOPK_USER_CHUNK), 0, -1) if query_batch_size % c == 0)
+
+
+def gather_rows(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order, on every rank (rows may differ in number between ranks)."""
+    if not d.active:
+        return t
+    import torch.distributed as dist
+
+    dev = d.device if d.device is not None and d.device.type == "cuda" else torch.device("cpu")
+    x = t.to(dev)
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(d.world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], dtype=torch.long, device=dev))
+    most = max(int(s) for s in sizes)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def gather_objects(d: Dist, obj: Any) -> list[Any]:
+    if not d.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(d: Dist, obj: Any) -> Any:
+    if not d.active:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ok(d: Dist, ok: bool, what: str) -> None:
+    """Every rank reports whether it got through a stage; when one did not, all stop with the same message
+    instead of waiting for it in the next collective."""
+    if not d.active:
+        return
+    failed = [r for r, good in enumerate(gather_objects(d, ok)) if not good]
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} failed during {what}; all ranks stop")
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def close(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- shards without a network ---------------------------------------------------------------------------------
+
+_SHARD_RE = re.compile(r"^result\.shard-(\d+)-of-(\d+)\.json$")
+
+
+def shard_file(shard_id: int, num_shards: int) -> str:
+    return f"result.shard-{shard_id:04d}-of-{num_shards:04d}.json"
+
+
+def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -> Path:
+    """Merge the partial results of `--num_shards K --shard_id i` runs in `result_dir` into `result.json`
+    (users in predict_seq.jsonl order). Missing, repeated or inconsistent shards are a DataFormatError naming them."""
+    d = Path(result_dir)
+    found: dict[int, dict] = {}
+    totals = set()
+    for p in sorted(d.glob("result.shard-*-of-*.json")):
+        m = _SHARD_RE.match(p.name)
+        if not m:
+            continue
+        try:
+            part = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise DataFormatError(f"{p}: unreadable partial result: {e}") from None
+        i, k = int(m.group(1)), int(m.group(2))
+        if part.get("shard_id") != i or part.get("num_shards") != k:
+            raise DataFormatError(f"{p}: says shard {part.get('shard_id')} of {part.get('num_shards')}, named {i} of {k}")
+        totals.add((k, part.get("users_total")))
+        found[i] = {**part, "_path": p}
+    if not found:
+        raise DataFormatError(f"{d}: no partial results (result.shard-*-of-*.json) to merge")
+    if len(totals) > 1:
+        raise DataFormatError(f"{d}: partial results of different runs (shards, users): {sorted(totals)}; "
+                              "remove the stale ones")
+    (k, users_total), = totals
+    missing = sorted(set(range(k)) - set(found))
+    if missing:
+        raise DataFormatError(f"{d}: missing shard(s) {missing} of {k}")
+    top10s, users, expect = [], [], 0
+    for i in range(k):
+        part = found[i]
+        if part.get("user_start") != expect or len(part["top10s"]) != len(part["user"]):
+            raise DataFormatError(f"{part['_path']}: starts at user {part.get('user_start')}, expected {expect} "
+                                  "(overlapping or repeated shards)")
+        top10s += part["top10s"]
+        users += part["user"]
+        expect += len(part["user"])
+    if expect != users_total:
+        raise DataFormatError(f"{d}: shards hold {expect} users, the run had {users_total}")
+    out = d / out_name
+    write_json(out, {"time": max(float(found[i].get("time", 0)) for i in range(k)), "top10s": top10s, "user": users},
+               compact=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """genrec-merge: `python -m evalu.shard --result_dir R` merges R/result.shard-*-of-*.json into R/result.json."""
+    from dataset.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
+
+    p = FlagParser(description=main.__doc__)
+    p.add_argument("--result_dir", default=os.environ.get("EVAL_RESULT_PATH"),
+                   help="folder of the partial results (env EVAL_RESULT_PATH)")
+    add_logging_arguments(p)
+    a = p.parse_args(argv)
+    setup_logging(a)
+    if not a.result_dir:
+        p.error("--result_dir (or EVAL_RESULT_PATH) is required")
+
+    def body() -> int:
+        out = merge_shards(a.result_dir)
+        print(f"merged -> {out}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Inference past one process: torchrun ranks (gloo, 2 CPU processes) and no-network shards + merge, each
+identical to the single-process result."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dataset.safeio import DataFormatError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small chunks so that both ranks embed candidates and score users on the tiny world.
+LAUNCH = """
+import sys
+sys.path.insert(0, {root!r})
+import evalu.shard as shard
+shard.CAND_CHUNK = 64
+from evalu.infer import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _single(ev: Path, ck: Path, out: Path, *extra: str) -> dict:
+    from evalu.infer import main
+
+    assert main(["--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(out), "--query_batch_size", "8",
+                 *extra]) == 0
+    return json.loads((out / "result.json").read_text())
+
+
+def _torchrun(tmp_path: Path, ev: Path, ck: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_DIST_TIMEOUT": "120"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(out),
+                           "--query_batch_size", "8", "--device", "cpu", *extra],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+
+def _fresh(world, tmp_path: Path, name: str) -> Path:
+    ev = tmp_path / name
+    shutil.copytree(world[1], ev)
+    return ev
+
+
+def test_torchrun_two_ranks_equal_one_process_and_make_the_ids_once(world, checkpoint, tmp_path):
+    want = _single(_fresh(world, tmp_path, "ev1"), checkpoint, tmp_path / "r1")
+    ev = _fresh(world, tmp_path, "ev2")
+    r = _torchrun(tmp_path, ev, checkpoint, tmp_path / "r2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "r2" / "result.json").read_text())
+    assert got["user"] == want["user"] and got["top10s"] == want["top10s"]
+    rep = json.loads((tmp_path / "r2" / "infer_report.json").read_text())
+    assert rep["world_size"] == 2 and [x["rank"] for x in rep["ranks"]] == [0, 1]
+    assert all(x["users"] > 0 and x["candidates_embedded"] > 0 for x in rep["ranks"])  # both ranks did work
+    assert sum(x["users"] for x in rep["ranks"]) == len(want["user"])
+    assert [x["semantic_id_status"] for x in rep["ranks"]] == ["encoded", "loaded"]  # made once, by rank 0
+    assert rep["semantic_id"]["status"] == "encoded"
+    assert r.stderr.count("no semantic_id found, trying to generate") == 1
+
+
+def test_torchrun_ranks_degrade_together_when_ids_cannot_be_made(world, checkpoint, tmp_path):
+    ev = _fresh(world, tmp_path, "ev")
+    shutil.rmtree(ev / "creative_emb")
+    r = _torchrun(tmp_path, ev, checkpoint, tmp_path / "r2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "r2" / "infer_report.json").read_text())
+    assert rep["semantic_id"]["status"] == "failed"
+    assert [x["semantic_id_status"] for x in rep["ranks"]][1] == "disabled"  # serves what rank 0 serves
+    ev1 = _fresh(world, tmp_path, "ev3")
+    shutil.rmtree(ev1 / "creative_emb")
+    alone = _single(ev1, checkpoint, tmp_path / "r3")
+    assert json.loads((tmp_path / "r2" / "result.json").read_text())["top10s"] == alone["top10s"]
+
+
+def test_shards_and_merge_equal_one_run(world, checkpoint, tmp_path, capsys):
+    from evalu.infer import main
+    from evalu.shard import main as merge_main
+
+    want = _single(_fresh(world, tmp_path, "ev1"), checkpoint, tmp_path / "r1")
+    ev = _fresh(world, tmp_path, "ev2")
+    out = tmp_path / "r2"
+    for i in (2, 0, 1):  # any order, any machine
+        assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(out),
+                     "--query_batch_size", "8", "--num_shards", "3", "--shard_id", str(i)]) == 0
+    assert not (out / "result.json").exists()
+    parts = [json.loads((out / f"result.shard-{i:04d}-of-0003.json").read_text()) for i in range(3)]
+    assert all(p["user"] for p in parts)  # every shard got users
+    assert merge_main(["--result-dir", str(out)]) == 0
+    got = json.loads((out / "result.json").read_text())
+    assert got["user"] == want["user"] and got["top10s"] == want["top10s"]
+
+
+def test_merge_refuses_missing_or_foreign_shards(tmp_path):
+    from evalu.shard import merge_shards, shard_file
+
+    def part(i, k, start, users, total=4):
+        (tmp_path / shard_file(i, k)).write_text(json.dumps({"shard_id": i, "num_shards": k, "user_start": start,
+                                                             "users_total": total, "time": 1.0, "user": users,
+                                                             "top10s": [[1] * 10 for _ in users]}))
+
+    part(0, 2, 0, ["a", "b"])
+    with pytest.raises(DataFormatError, match=r"missing shard\(s\) \[1\] of 2"):
+        merge_shards(tmp_path)
+    part(1, 3, 2, ["c", "d"])
+    with pytest.raises(DataFormatError, match="different runs"):
+        merge_shards(tmp_path)
+    (tmp_path / shard_file(1, 3)).unlink()
+    part(1, 2, 1, ["c", "d"])  # overlaps shard 0
+    with pytest.raises(DataFormatError, match="overlapping or repeated"):
+        merge_shards(tmp_path)
+    part(1, 2, 2, ["c", "d"])
+    assert json.loads(merge_shards(tmp_path).read_text())["user"] == ["a", "b", "c", "d"]
+
+
+def test_shard_flags_are_checked(world, checkpoint, tmp_path):
+    from evalu.infer import main
+
+    _, ev = world
+    base = ["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(tmp_path / "r")]
+    assert main(base + ["--num_shards", "2", "--shard_id", "2"]) == 2
+    assert main(base + ["--num_shards", "0"]) == 2
