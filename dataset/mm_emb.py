@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 from contextlib import ExitStack
 from functools import lru_cache
@@ -24,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli import progress_disabled
-from .safeio import DataFormatError, atomic_open, cache_root, is_writable_dir, load_pickle, write_json
+from .safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, is_writable_dir,
+                     load_pickle, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -290,27 +292,42 @@ def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np
 
 
 def _pickle_fast(obj: dict, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The common case in one go: int keys, float32 arrays of shape (dim,) (the competition's emb_81_32.pkl).
+    """The common case in one go: int keys, every value one numpy row of `dim` numbers of one type (the
+    competition's emb_81_32.pkl): the rows' bytes are joined into the matrix, no array per row is ever built.
     None when any entry differs; the caller then checks entry by entry."""
     vals = list(obj.values())
-    if not all(type(v) is np.ndarray and v.shape == (dim,) and v.dtype == np.float32 for v in vals) \
-            or not all(type(k) is int for k in obj):
+    if not vals or type(vals[0]) is not PendingArray or not all(type(k) is int for k in obj):
         return None
+    try:
+        shape, dt, raw0 = vals[0].parts()  # the first row fully checked (dtype plain numeric, sizes) ...
+    except pickle.UnpicklingError:
+        return None
+    if shape != (dim,):
+        return None
+    want_dtype = (vals[0].state[2].typestr, vals[0].state[2].state)
+    n_bytes, raws = len(raw0), []
+    for v in vals:  # ... and every other row the same in form (same dtype description, same byte count)
+        st = v.state if type(v) is PendingArray else None
+        if (type(st) is not tuple or len(st) != 5 or st[1] != shape or st[3] or type(st[4]) is not bytes
+                or len(st[4]) != n_bytes or (getattr(st[2], "typestr", None), getattr(st[2], "state", None)) != want_dtype):
+            return None
+        raws.append(st[4])
     try:
         ids = np.fromiter(obj.keys(), dtype=np.int64, count=len(obj))  # a key that is no int64 raises
     except (TypeError, ValueError, OverflowError):
         return None
-    return ids, (np.stack(vals) if vals else np.zeros((0, dim), np.float32))
+    return ids, np.frombuffer(b"".join(raws), dtype=dt).reshape(len(vals), dim).astype(np.float32)
 
 
 def _load_pickle_source(path: Path, dim: int, add: Callable[[np.ndarray, np.ndarray], None], skipped: dict) -> None:
-    obj = load_pickle(path)
+    obj = load_pickle(path, lazy_arrays=True)
     if not isinstance(obj, dict):
         raise DataFormatError(f"{path}: expected a dict {{creative_id: vector}}, got {type(obj).__name__}")
     fast = _pickle_fast(obj, dim)
     if fast is not None:
         add(*_drop_nonfinite(*fast, skipped))
         return
+    obj = finish_pickle(obj, path)
     ids, rows = [], []
     for k, v in obj.items():
         try:

@@ -37,18 +37,35 @@ class _Marker:
     """numpy.ndarray as a pickle names it (only ever the first argument of _reconstruct)."""
 
 
+_DTYPES: dict[tuple, np.dtype] = {}  # (typestr, state) -> checked dtype: numpy pickles one dtype per array
+
+
 class _PendingDtype:
     __slots__ = ("typestr", "state", "built")
 
-    def __init__(self, typestr: Any = None, *args: Any) -> None:
+    def __init__(self, typestr: Any = None, align: Any = None, copy: Any = None) -> None:
         self.typestr, self.state, self.built = typestr, None, None
 
     def __setstate__(self, state: Any) -> None:
         self.state, self.built = state, None
 
     def build(self) -> np.dtype:
-        if self.built is not None:  # one dtype object is shared by every array of that type in a pickle
+        if self.built is not None:
             return self.built
+        try:
+            key = (self.typestr, self.state)
+            hit = _DTYPES.get(key)
+        except TypeError:  # an unhashable state: checked below, the slow way
+            key, hit = None, None
+        if hit is not None:
+            self.built = hit
+            return hit
+        self.built = self._check()
+        if key is not None and len(_DTYPES) < 256:
+            _DTYPES[key] = self.built
+        return self.built
+
+    def _check(self) -> np.dtype:
         if not isinstance(self.typestr, str) or not _NUMERIC.match(self.typestr):
             raise pickle.UnpicklingError(f"numpy dtype {self.typestr!r} is not a plain number type")
         st = self.state
@@ -58,27 +75,38 @@ class _PendingDtype:
                 raise pickle.UnpicklingError("numpy dtype with fields or sub-arrays")
             order = st[1] if st[1] in ("<", ">", "|", "=") else "|"
         dt = np.dtype(self.typestr)
-        self.built = dt.newbyteorder(order) if order in ("<", ">") else dt
-        return self.built
+        return dt.newbyteorder(order) if order in ("<", ">") else dt
 
 
-class _PendingArray:
-    """Stands where numpy would build an array; the checked array is made as soon as its state arrives."""
-    __slots__ = ("array",)
+class PendingArray:
+    """Stands where numpy would build an array: `build()` checks the state and makes the array. A reader that
+    wants one matrix from many rows (`load_pickle(..., lazy_arrays=True)`) can join the `raw` bytes instead."""
+    __slots__ = ("state",)
 
     def __init__(self) -> None:
-        self.array = None
+        self.state = None
 
     def __setstate__(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5):
+        self.state = state
+
+    def parts(self) -> tuple[tuple, np.dtype, Any]:
+        """(shape, checked dtype, raw bytes), the byte count checked against shape and dtype."""
+        st = self.state
+        if not (type(st) is tuple and len(st) == 5):
             raise pickle.UnpicklingError("numpy array without its state")
-        _, shape, dtype, fortran, raw = state
-        self.array = _array(raw, dtype, shape, "F" if fortran else "C")
+        _, shape, dtype, fortran, raw = st
+        dt = dtype.build() if type(dtype) is _PendingDtype else _dtype(dtype)
+        if fortran or type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape) \
+                or type(raw) is not bytes or len(raw) != math.prod(shape) * dt.itemsize:
+            raise pickle.UnpicklingError(f"numpy array state (shape {shape!r})")
+        return shape, dt, raw
 
     def build(self) -> np.ndarray:
-        if self.array is None:
+        st = self.state
+        if not (type(st) is tuple and len(st) == 5):
             raise pickle.UnpicklingError("numpy array without its state")
-        return self.array
+        _, shape, dtype, fortran, raw = st
+        return _array(raw, dtype, shape, "F" if fortran else "C")
 
 
 def _dtype(d: Any) -> np.dtype:
@@ -105,10 +133,10 @@ def _array(raw: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
     return a.copy()  # writable, owning its memory, like numpy's own unpickling
 
 
-def _reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> _PendingArray:
+def _reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> PendingArray:
     if cls is not _Marker:
         raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
-    return _PendingArray()
+    return PendingArray()
 
 
 def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
@@ -167,7 +195,7 @@ def _finish(obj: Any, depth: int = 0, memo: dict | None = None) -> Any:
     t = type(obj)
     if t in _LEAF:
         return obj
-    if t is _PendingArray or t is _PendingDtype:
+    if t is PendingArray or t is _PendingDtype:
         return obj.build()
     if id(obj) in memo:
         return memo[id(obj)]
@@ -176,7 +204,7 @@ def _finish(obj: Any, depth: int = 0, memo: dict | None = None) -> Any:
     if isinstance(obj, dict):
         memo[id(obj)] = obj
         items = [(k if type(k) in _LEAF else _finish(k, depth + 1, memo),
-                  v.build() if type(v) is _PendingArray else v if type(v) in _LEAF else _finish(v, depth + 1, memo))
+                  v.build() if type(v) is PendingArray else v if type(v) in _LEAF else _finish(v, depth + 1, memo))
                  for k, v in obj.items()]
         obj.clear()
         obj.update(items)
@@ -192,14 +220,17 @@ def _finish(obj: Any, depth: int = 0, memo: dict | None = None) -> Any:
     return obj
 
 
-def load_pickle(path: str | os.PathLike) -> Any:
+def load_pickle(path: str | os.PathLike, lazy_arrays: bool = False) -> Any:
     """Unpickle plain data (containers, numbers, strings, plain numeric numpy arrays); refuse anything that could
-    run code, crash the process or allocate more than the file holds."""
+    run code, crash the process or allocate more than the file holds. `lazy_arrays`: numpy arrays stay
+    PendingArray (checked when built) for a reader that joins many rows into one matrix; pass what it does not
+    take to `finish_pickle`."""
     path = Path(path)
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return _finish(_RestrictedUnpickler(io.BytesIO(data)).load())
+        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+        return obj if lazy_arrays else _finish(obj)
     except pickle.UnpicklingError as e:
         raise UnsafePickleError(f"{path}: refused to unpickle: {e}") from e
     except Exception as e:  # truncated or garbage pickles raise many kinds of errors
@@ -253,3 +284,11 @@ def cache_root() -> Path:
     """Where we keep caches and the demo world: $GENREC_CACHE_DIR, else ~/.cache/genrec."""
     env = os.environ.get("GENREC_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "genrec"
+
+
+def finish_pickle(obj: Any, path: str | os.PathLike) -> Any:
+    """`load_pickle(..., lazy_arrays=True)`'s result with every array built and checked."""
+    try:
+        return _finish(obj)
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(f"{path}: refused to unpickle: {e}") from e

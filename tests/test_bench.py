@@ -50,3 +50,13 @@ def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     assert "seeds [0, 1]" in out
     cold = [c for c in rep["checks"] if c.startswith("cold-start filtered hr@10")]
     assert cold and "0.1100 ± 0.0100" in cold[0] and "2.00x" in cold[0]
+
+
+def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--candidates", "140000", "--users", "1100",
+                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
+    assert len(rows) == 2 and all(ln.rstrip().endswith("| yes |") for ln in rows), r.stdout

@@ -555,3 +555,16 @@ list(mm._parsed_ranges([("x", 0, 1, 2)] * 4))
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, "parse workers outlived their parent"
+
+
+def test_the_pickle_layout_joins_rows_without_building_an_array_each(tmp_path, monkeypatch):
+    import dataset.mm_emb as mm
+
+    emb = tmp_path / "creative_emb"
+    emb.mkdir()
+    rows = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    (emb / "emb_81_4.pkl").write_bytes(pickle.dumps({i + 7: r for i, r in enumerate(rows)}))
+    monkeypatch.setattr(mm, "finish_pickle", lambda *a: pytest.fail("took the entry-by-entry path"))
+    f = load_feature(emb, "81", use_cache=False)
+    np.testing.assert_array_equal(f.emb, rows)
+    assert f.ids.tolist() == list(range(7, 57))

@@ -1,0 +1,153 @@
+"""Benchmark: inference's embedding and retrieval stages at the competition's shape, 1 process against N
+(torch.distributed, gloo, one thread each), with the same split and gather code as `torchrun evalu/infer.py`.
+
+The world is made in memory in seconds: a small model is trained once on a demo world (its schema: features,
+vocabularies, semantic-ID prefixes), then N new candidates get random features, a 32-d multimodal vector and a
+semantic ID, and U users random histories of the training items. No JSON is written: the stages timed are the
+ones that grow with the catalogue (candidate embedding, user embedding, exact top-10), and they are checked to
+give the same top-10 in every configuration.
+
+    python bench/scale.py [--candidates 200000 --users 10000 --procs 1 2]
+    python bench/scale.py --curve 100000 400000 1600000 3600000 --users 1000   # growth with the catalogue
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dataset.cli import FlagParser  # noqa: E402
+
+
+class FakeStore:
+    """What ItemStore gives the item tower, for `n_new` random candidates after the training items."""
+
+    def __init__(self, schema, n_new: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        n = schema.num_items + 1 + n_new
+        self.num_slots = n
+        self.num_items = schema.num_items
+        self.sparse = np.stack([rng.integers(0, v, n) for v in schema.item_sparse.values()], 1) \
+            if schema.item_sparse else np.zeros((n, 0), np.int64)
+        self.array = np.zeros((n, len(schema.item_array), schema.array_len), np.int64)
+        self.sid = rng.integers(1, schema.sid_codebook + 1, (n, schema.sid_levels))  # stored as code + 1
+        self.mm = {f: rng.standard_normal((n, d), dtype=np.float32) for f, d in schema.mm.items()}
+
+    def reid(self, slots: np.ndarray) -> np.ndarray:
+        return np.where(slots <= self.num_items, slots, 0)
+
+
+def _model(work: Path):
+    """A model trained once (1 epoch) on a small demo world, cached in `work`."""
+    from dataset.synth import SynthConfig, generate
+    from model.checkpoint import is_checkpoint, load_checkpoint
+    from model.trainer import TrainConfig, train
+
+    ck = work / "ck"
+    if not is_checkpoint(ck):
+        generate(work / "train", SynthConfig(users=500, test_users=10, items=2000, mm=((81, 32),)))
+        train(TrainConfig(data_dir=str(work / "train"), output_dir=str(ck), epochs=1))
+    return load_checkpoint(ck)[0]
+
+
+def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: int, out: dict) -> None:
+    """One process of a configuration: the embedding and retrieval stages exactly as evalu/infer.py runs them."""
+    import evalu.shard as shard
+    from evalu.retrieval import topk_inner_product
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    d = shard.init(torch.device("cpu"))
+    model = _model(Path(work))
+    model.eval()
+    store = FakeStore(model.schema, n_cand)
+    model.items.set_store(store)
+    slots = np.arange(model.schema.num_items + 1, store.num_slots)
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(1, model.schema.num_items + 1, (n_users, model.cfg.maxlen))
+    us = np.zeros((n_users, len(model.schema.user_sparse)), np.int64)
+    ua = np.zeros((n_users, len(model.schema.user_array), model.schema.array_len), np.int64)
+    qb = 512
+    shard.barrier(d)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        c_lo, c_hi = shard.span(len(slots), d.world, d.rank, shard.CAND_CHUNK)
+        mine = [model.item_vectors(torch.as_tensor(slots[lo:min(lo + shard.CAND_CHUNK, c_hi)]))
+                for lo in range(c_lo, c_hi, shard.CAND_CHUNK)]
+        cand = shard.gather_rows(d, torch.cat(mine) if mine else torch.zeros(0, model.cfg.hidden + 1))
+        u_lo, u_hi = shard.span(n_users, d.world, d.rank, qb)
+        q = torch.cat([model.query(torch.as_tensor(seqs[b:min(b + qb, u_hi)]), torch.as_tensor(us[b:min(b + qb, u_hi)]),
+                                   torch.as_tensor(ua[b:min(b + qb, u_hi)])) for b in range(u_lo, u_hi, qb)])
+        t1 = time.perf_counter()
+        _, idx = topk_inner_product(q, cand, 10, user_chunk=shard.topk_user_chunk(qb))
+        idx = shard.gather_rows(d, idx)
+        t2 = time.perf_counter()
+    if d.lead:
+        import resource
+
+        out.update(embed=t1 - t0, retrieve=t2 - t1, checksum=int(idx.sum()), first=idx[:3].tolist(),
+                   peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    shard.close(d)
+
+
+def _run(world: int, work: str, n_cand: int, n_users: int) -> dict:
+    import torch.multiprocessing as mp
+
+    if world == 1:
+        out: dict = {}
+        _stages(0, 1, 0, work, n_cand, n_users, out)
+        return out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_stages, args=(world, port, work, n_cand, n_users, out), nprocs=world, join=True)
+    return dict(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = FlagParser(description=__doc__)
+    p.add_argument("--candidates", type=int, default=200_000)
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare (first = baseline)")
+    p.add_argument("--curve", type=int, nargs="*", default=[],
+                   help="candidate counts for the growth curve (1 process), instead of the comparison")
+    p.add_argument("--work", help="keep the trained model here (default: a temp dir)")
+    a = p.parse_args(argv)
+    work = a.work or tempfile.mkdtemp(prefix="bench_scale_")
+    _model(Path(work))  # train once, before any timing
+    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, one thread per process")
+    if a.curve:
+        print(f"\n## growth with the catalogue: {a.users} users, 1 process\n")
+        print("| candidates | candidate + user embedding s | retrieval s | s per 100k candidates | peak RSS MiB |")
+        print("|---|---|---|---|---|")
+        for n in a.curve:
+            r = _run(1, work, n, a.users)
+            print(f"| {n:,} | {r['embed']:.2f} | {r['retrieve']:.2f} | "
+                  f"{(r['embed'] + r['retrieve']) / n * 1e5:.3f} | {r['peak_mb']:.0f} |", flush=True)
+        return
+    print(f"\n## {a.candidates:,} candidates x {a.users:,} users\n")
+    print("| processes | candidate + user embedding s | retrieval s | total s | vs 1 process | same top-10 |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for n in a.procs:
+        r = _run(n, work, a.candidates, a.users)
+        total = r["embed"] + r["retrieve"]
+        base = base or (total, r["checksum"], r["first"])
+        same = r["checksum"] == base[1] and r["first"] == base[2]
+        print(f"| {n} | {r['embed']:.2f} | {r['retrieve']:.2f} | {total:.2f} | {base[0] / total:.2f}x | "
+              f"{'yes' if same else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
