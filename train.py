@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # `python train.py` from anywhere: make the proje
 
 from dataset.cli import CliError, FlagParser, add_logging_arguments, run_cli, setup_logging
 from model.trainer import TrainConfig, train
+from rqvae import dist as rdist
 from rqvae.device import resolve_device
 
 
@@ -33,10 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not (Path(a.data_dir) / "seq.jsonl").is_file():
             raise CliError(f"--data_dir {a.data_dir}: no seq.jsonl there (not a training data folder)")
-        resolve_device(a.device or TrainConfig.device)  # before any output folder exists
+        device = resolve_device(a.device or TrainConfig.device)  # before any output folder exists
+        # Under torchrun: data-parallel over the ranks (gloo on CPUs, nccl with one GPU per rank); rank 0 writes.
+        device = rdist.init_from_env(device)
+        if rdist.world() > 1:
+            a.device = str(device)
+            if not rdist.is_lead():
+                logging.getLogger().setLevel(logging.WARNING)
         cfg = TrainConfig.from_args(a)
-        report = train(cfg)
-        print(f"checkpoint -> {cfg.output_dir}" + (f" ({report})" if isinstance(report, str) else ""))
+        try:
+            out = train(cfg)
+        finally:
+            lead = rdist.is_lead()
+            rdist.close()
+        if lead:
+            print(f"checkpoint -> {out}")
         return 0
 
     return run_cli(body)

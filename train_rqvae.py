@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # `python train_rqvae.py` from anywhere: make the
 
 from dataset.cli import CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments, run_cli, setup_logging
 from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
+from rqvae import dist as rdist
 from rqvae.device import resolve_device
 
 log = logging.getLogger("train_rqvae")
@@ -34,15 +35,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _run(args: argparse.Namespace) -> int:
     if not (Path(args.data_dir) / "creative_emb").is_dir():
         raise CliError(f"--data_dir {args.data_dir}: no creative_emb/ folder there")
-    resolve_device(args.device or RQVAEConfig.device)  # a missing GPU is one line now, not a traceback later
+    device = resolve_device(args.device or RQVAEConfig.device)  # a missing GPU is one line, not a traceback later
     if args.plot:
         from rqvae.plot import require_matplotlib
 
         require_matplotlib()
-    sids = generate_semantic_ids_on_demand(args.data_dir, args.mm_emb_id, args, output_dir=args.output_dir,
-                                           model_dir=args.output_dir)
+    # Under torchrun every rank trains on its share of each batch; rank 0 writes.
+    device = rdist.init_from_env(device)
+    if rdist.world() > 1:
+        args.device = str(device)
+    try:
+        sids = generate_semantic_ids_on_demand(args.data_dir, args.mm_emb_id, args, output_dir=args.output_dir,
+                                               model_dir=args.output_dir, data_parallel=rdist.world() > 1)
+    finally:
+        lead = rdist.is_lead()
+        rdist.close()
     if not sids:
         return 1
+    if not lead:
+        return 0
     out = Path(args.output_dir)
     if args.plot:
         from rqvae.plot import plot_report

@@ -35,6 +35,7 @@ from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from model.checkpoint import is_checkpoint, load_checkpoint
 from model.recommender import Recommender
 from rqvae import RQVAEConfig
+from rqvae import dist as rdist
 from rqvae.device import peak_memory_mb, resolve_device
 
 log = logging.getLogger("evalu.infer")
@@ -335,7 +336,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         top10s, users, report = run(cfg, args)
     finally:
-        shard.close(shard.Dist(world=int(os.environ.get("WORLD_SIZE", "1") or 1)))
+        rdist.close()
     if report.get("rank", 0) != 0:
         return 0  # rank 0 writes the files
     result_dir = Path(report["result_dir"])  # run() resolved it (the demo's, when no paths are set)

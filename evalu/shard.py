@@ -11,13 +11,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dataset.safeio import DataFormatError, write_json
+from rqvae import dist as rdist
 
 CAND_CHUNK = 65536  # candidates embedded per call, in one process or many
 TOPK_USER_CHUNK = 256  # at most this many users per score block inside retrieval
@@ -41,21 +41,9 @@ class Dist:
 
 
 def init(device: torch.device) -> Dist:
-    """Join the torchrun job this process belongs to (WORLD_SIZE > 1), or none. Collectives time out after
-    $GENREC_DIST_TIMEOUT seconds (default 1800): a rank that died never leaves the others hanging for ever."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return Dist(device=device)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        timeout = timedelta(seconds=float(os.environ.get("GENREC_DIST_TIMEOUT", "1800")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+    """Join the torchrun job this process belongs to (WORLD_SIZE > 1), or none (see rqvae.dist)."""
+    device = rdist.init_from_env(device)
+    return Dist(rank=rdist.rank(), world=rdist.world(), device=device)
 
 
 def span(n: int, parts: int, part: int, align: int) -> tuple[int, int]:
@@ -72,21 +60,8 @@ def topk_user_chunk(query_batch_size: int) -> int:
 
 
 def gather_rows(d: Dist, t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order, on every rank (rows may differ in number between ranks)."""
-    if not d.active:
-        return t
-    import torch.distributed as dist
-
-    dev = d.device if d.device is not None and d.device.type == "cuda" else torch.device("cpu")
-    x = t.to(dev)
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(d.world)]
-    dist.all_gather(sizes, torch.tensor([len(x)], dtype=torch.long, device=dev))
-    most = max(int(s) for s in sizes)
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=dev)
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(d.world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).to(t.device)
+    """Every rank's rows, concatenated in rank order, on every rank."""
+    return rdist.gather_rows(t) if d.active else t
 
 
 def gather_objects(d: Dist, obj: Any) -> list[Any]:
@@ -121,17 +96,12 @@ def all_ok(d: Dist, ok: bool, what: str) -> None:
 
 def barrier(d: Dist) -> None:
     if d.active:
-        import torch.distributed as dist
-
-        dist.barrier()
+        rdist.barrier()
 
 
 def close(d: Dist) -> None:
     if d.active:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        rdist.close()
 
 
 # --- shards without a network ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dataset.safeio import is_writable_dir
 from .metrics import rank_metrics, target_ranks
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
+from rqvae import dist as rdist
 from rqvae.device import resolve_device
 
 from .checkpoint import save_checkpoint
@@ -109,14 +110,19 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
                        for lo in range(0, n_items + 1, 65536)])  # row r = slot r (row 0: padding)
     ranks: dict[str, list] = {"unfiltered": [], "filtered": []}
     offset = model.history_offset()
-    for lo in range(0, len(val["target"]), batch):
-        q = model.query(*(val[k][lo:lo + batch].to(device) for k in ("seq", "user_sparse", "user_array")))
-        r_u, r_f = target_ranks(q @ items.T, val["target"][lo:lo + batch].to(device),
-                                val["history"][lo:lo + batch].to(device), offset)
+    mine = rdist.my_slice(len(val["target"]))  # under torchrun each rank ranks its share of the users
+    for lo in range(mine.start, mine.stop, batch):
+        hi = min(lo + batch, mine.stop)
+        q = model.query(*(val[k][lo:hi].to(device) for k in ("seq", "user_sparse", "user_array")))
+        r_u, r_f = target_ranks(q @ items.T, val["target"][lo:hi].to(device), val["history"][lo:hi].to(device), offset)
         ranks["unfiltered"].append(r_u.cpu())
         ranks["filtered"].append(r_f.cpu())
     model.train()
-    return {rule: rank_metrics(torch.cat(r).numpy() if r else np.zeros(0)) for rule, r in ranks.items()}
+    out = {}
+    for rule, r in ranks.items():
+        mine_r = torch.cat(r) if r else torch.zeros(0, dtype=torch.long)
+        out[rule] = rank_metrics(rdist.gather_rows(mine_r).numpy())
+    return out
 
 
 def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
@@ -134,11 +140,12 @@ def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
     out = Path(cfg.output_dir)  # never the data dir: every run (every seed) makes its own IDs
     log.info("no semantic_id found, training an RQ-VAE on features %s", feats)
     rq_cfg = RQVAEConfig(device=str(device), seed=cfg.seed, method=cfg.sid_method)
-    sids, rq, _ = generate_semantic_ids(ds.data_dir, feats, rq_cfg, output_dir=out)
+    sids, rq, _ = generate_semantic_ids(ds.data_dir, feats, rq_cfg, output_dir=out, data_parallel=rdist.world() > 1)
     if not sids:
         log.warning("training without semantic IDs: none could be generated")
         return None, None
-    rq.save(out)
+    if rdist.is_lead():
+        rq.save(out)
     ds.sid_dirs.append(out)
     ds.rebuild()
     return rq, feats
@@ -177,9 +184,16 @@ def train(cfg: TrainConfig) -> Path:
     if vocab is not None:
         model.items.sid.set_vocab(vocab)
     model.items.set_store(ds.store)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, generator=gen,
-                        drop_last=len(ds) > cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed + rdist.rank())  # ranks draw their own negatives
+    sampler = None
+    if rdist.world() > 1:  # data-parallel: every rank its share of the users each epoch, gradients averaged
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, num_replicas=rdist.world(), rank=rdist.rank(), shuffle=True, seed=cfg.seed)
+    per_rank = -(-len(ds) // rdist.world())
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.num_workers, generator=gen if sampler is None else None,
+                        drop_last=per_rank > cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     stats = ds.scan()
     val = stats.validation
@@ -190,12 +204,15 @@ def train(cfg: TrainConfig) -> Path:
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         tot, steps = 0.0, 0
         for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model.loss(batch, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            rdist.average_gradients(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             tot += loss.item()
@@ -218,7 +235,14 @@ def train(cfg: TrainConfig) -> Path:
     info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
             "filter_seen": filter_seen, "validation": {r: b[2] for r, b in best.items()},
             "repeat_rate": stats.repeat_rate, "seconds": round(time.perf_counter() - t0, 2),
-            "config": {k: v for k, v in asdict(cfg).items() if k != "model"}}
-    save_checkpoint(out, model, info, rq, rq_feats, ds.semantic_id_dict if mc.use_semantic_ids else None)
-    log.info("saved checkpoint to %s (best val score %.4f)", out, best[rule][0])
+            "world_size": rdist.world(), "config": {k: v for k, v in asdict(cfg).items() if k != "model"}}
+    if rdist.world() > 1:  # data-parallel replicas must have stayed identical: one checksum per rank
+        sums = rdist.gather_rows(torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None].cpu())
+        info["replicas_identical"] = bool((sums == sums[0]).all())
+        if not info["replicas_identical"]:
+            log.warning("data-parallel replicas differ (parameter sums %s): the checkpoint is rank 0's", sums.tolist())
+    if rdist.is_lead():  # one writer
+        save_checkpoint(out, model, info, rq, rq_feats, ds.semantic_id_dict if mc.use_semantic_ids else None)
+        log.info("saved checkpoint to %s (best val score %.4f)", out, best[rule][0])
+    rdist.barrier()
     return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RQVAEConfig
+from . import dist as rdist
 from .device import peak_memory_mb, resolve_device
 from .model import PCA, RQVAE
 
@@ -46,7 +47,14 @@ def _sample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k] if n > k else torch.arange(n)
 
 
-def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -> tuple[RQVAE, dict]:
+def _sync_from_lead(model: RQVAE) -> None:
+    """Data-parallel: every rank starts from (and after a reseed, continues with) rank 0's weights and codebooks."""
+    for t in [*model.parameters(), *model.buffers()]:
+        rdist.broadcast_(t.data)
+
+
+def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int,
+            data_parallel: bool = False) -> tuple[RQVAE, dict]:
     t = {"start": time.perf_counter()}
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -61,8 +69,13 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
             model.encoder.fit(x_std[sample])
         model.quantizer.init_from_data(model.encoder(x_std[sample]), cfg.kmeans_iters, gen, batch, cfg.kmeans_init,
                                        cfg.balanced and cfg.method == "rqkmeans")
+    dp = data_parallel and rdist.world() > 1
+    if dp:
+        _sync_from_lead(model)
+    model.quantizer.sync = dp
     t["kmeans_init"] = time.perf_counter()
-    report: dict[str, Any] = {"method": cfg.method, "device": str(device), "batch_size": batch, "epochs": 0}
+    report: dict[str, Any] = {"method": cfg.method, "device": str(device), "batch_size": batch, "epochs": 0,
+                              "world_size": rdist.world() if dp else 1}
     if cfg.method == "rqvae" and cfg.num_epochs > 0:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         amp = device.type == "cuda"
@@ -75,13 +88,16 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
             tot = torch.zeros(3, device=device)
             steps = 0
             for lo in range(0, n, batch):
-                xb = x_std[perm[lo:lo + batch]]
+                rows = perm[lo:lo + batch]
+                xb = x_std[rows[rdist.my_slice(len(rows))] if dp else rows]  # data-parallel: this rank's share
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     recon, codes, commit = model(xb)
                 rec = F.mse_loss(recon.float(), xb)
                 loss = rec + cfg.commitment_cost * commit
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if dp:
+                    rdist.average_gradients(model.parameters())
                 opt.step()
                 usage += torch.bincount((codes + offsets).flatten(), minlength=L * K)
                 tot += torch.stack([loss.detach(), rec.detach(), commit.detach()])
@@ -90,9 +106,13 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
             if (epoch + 1) % 5 == 0 or epoch + 1 == cfg.num_epochs:
                 log.info("Epoch %d/%d: Loss=%.4f (recon %.4f, commit %.4f)",
                          epoch + 1, cfg.num_epochs, *tot)
+            if dp:
+                rdist.all_reduce_sum_(usage)  # a code is dead only when no rank used it
             if epoch + 1 < cfg.num_epochs and (usage == 0).any():
                 with torch.no_grad():
                     reseeded += model.quantizer.reseed_dead(model.encoder(x_std[sample]), usage.view(L, K), gen, batch)
+                if dp:
+                    _sync_from_lead(model)
         report.update(epochs=cfg.num_epochs, final_loss=tot[0], final_recon=tot[1], reseeded_codes=reseeded)
     t["train"] = time.perf_counter()
     model.eval()
@@ -111,11 +131,15 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int) -
     report["seconds"] = {k: round(t[k] - t[p], 4) for p, k in zip(["start", "normalise", "kmeans_init"],
                                                                   ["normalise", "kmeans_init", "train"])}
     del x_std
+    model.quantizer.sync = False
     return model, report
 
 
-def fit(embeddings: np.ndarray, config: RQVAEConfig | None = None) -> tuple[RQVAE, dict]:
-    """Train on `embeddings` [N, D] (any float array, a memmap included); returns (model in eval mode, report)."""
+def fit(embeddings: np.ndarray, config: RQVAEConfig | None = None, data_parallel: bool = False
+        ) -> tuple[RQVAE, dict]:
+    """Train on `embeddings` [N, D] (any float array, a memmap included); returns (model in eval mode, report).
+    `data_parallel`: every rank of a torchrun job calls fit with the same rows; each trains on its share of every
+    batch, gradients and EMA statistics summed over the ranks, so all end with the same model."""
     cfg = config or RQVAEConfig()
     x = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
     if x.ndim != 2 or x.shape[0] == 0:
@@ -128,7 +152,7 @@ def fit(embeddings: np.ndarray, config: RQVAEConfig | None = None) -> tuple[RQVA
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.enable_grad():
-                model, report = _fit_on(x, cfg, device, batch)
+                model, report = _fit_on(x, cfg, device, batch, data_parallel)
             report.update(peak_memory_mb(device))
             return model, report
         except torch.cuda.OutOfMemoryError:

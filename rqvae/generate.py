@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
 
 from dataset.files import load_indexer
 from dataset.mm_emb import MMEmbedding, load_mm_emb
 from dataset.safeio import is_writable_dir, write_json
 from dataset.semantic_ids import REPORT_FILE, SEMANTIC_ID_FILE, origin_record, save_semantic_ids
 
+from . import dist as rdist
 from .config import RQVAEConfig
 from .dedup import dedup_codes
 from .device import peak_memory_mb
@@ -68,8 +70,10 @@ def _usable_rows(x: np.ndarray) -> np.ndarray:
 
 
 def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: RQVAE | None = None,
-                       ) -> tuple[dict[int, list[int]], RQVAE, dict]:
-    """Train (unless `model` is given), encode and (optionally) dedup. Returns (ids dict, model, report)."""
+                       data_parallel: bool = False) -> tuple[dict[int, list[int]], RQVAE, dict]:
+    """Train (unless `model` is given), encode and (optionally) dedup. Returns (ids dict, model, report).
+    `data_parallel`: every rank of a torchrun job calls this with the same rows; training and encoding are
+    shared, and every rank returns the same IDs."""
     t0 = time.perf_counter()
     ok = _usable_rows(x)
     skipped = int((~ok).sum())
@@ -80,13 +84,19 @@ def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: 
         raise ValueError("no usable embeddings")
     report: dict[str, Any] = {"items": int(len(ids)), "dim": int(x.shape[1]), "skipped_bad_rows": skipped}
     if model is None:
-        model, fit_report = fit(x, cfg)
+        model, fit_report = fit(x, cfg, data_parallel=data_parallel)
         report["fit"] = fit_report
         report["source"] = "trained"
     else:
         report["source"] = "encoded with existing model"
     t1 = time.perf_counter()
-    codes, last_r = encode(model, x, return_residual=True)
+    if data_parallel and rdist.world() > 1:  # each rank encodes its share, all gather everything
+        mine = rdist.my_slice(len(x))
+        c, r = encode(model, x[mine], return_residual=True)
+        codes = rdist.gather_rows(torch.as_tensor(c)).numpy()
+        last_r = rdist.gather_rows(torch.as_tensor(r)).numpy()
+    else:
+        codes, last_r = encode(model, x, return_residual=True)
     t2 = time.perf_counter()
     report["collisions_before_dedup"] = collision_stats(codes)
     if cfg.dedup:
@@ -108,12 +118,13 @@ def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: 
 
 def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], cfg: RQVAEConfig | None = None,
                           model: RQVAE | None = None, known: Mapping[int, list[int]] | None = None,
-                          output_dir: str | os.PathLike | None = None
+                          output_dir: str | os.PathLike | None = None, data_parallel: bool = False
                           ) -> tuple[dict[int, list[int]], RQVAE | None, dict]:
     """The work behind generate_semantic_ids_on_demand; also returns the model and the report.
 
     With `model`, items are encoded with it (no training). Items in `known` keep their IDs and are not encoded
-    again (IDs a checkpoint was trained with stay exactly as they were)."""
+    again (IDs a checkpoint was trained with stay exactly as they were). `data_parallel`: every rank of a
+    torchrun job calls this; they share training and encoding, rank 0 alone writes, all return the same IDs."""
     data_path = Path(data_path)
     cfg = cfg or RQVAEConfig()
     out = Path(output_dir) if output_dir else data_path
@@ -136,7 +147,7 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
         todo = ~np.isin(ids, np.fromiter(known.keys(), np.int64, len(known)))
         ids, x = ids[todo], x[todo]
     if len(ids):
-        sids, model, report = build_semantic_ids(ids, x, cfg, model)
+        sids, model, report = build_semantic_ids(ids, x, cfg, model, data_parallel)
     else:
         sids, report = {}, {"items": 0, "source": "all items already had IDs"}
     del x
@@ -148,10 +159,14 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
     log.info("generated semantic_id for %d items (%d newly made, %d reused)", len(sids), len(sids) - len(known),
              len(known))
     path = out / SEMANTIC_ID_FILE
-    save_semantic_ids(path, sids)
-    report["origin"] = origin_record(path, model.fingerprint() if model is not None else None)
-    write_json(out / REPORT_FILE, report)
-    log.info("saved semantic_id to %s", path)
+    report["world_size"] = rdist.world() if data_parallel else 1
+    if rdist.is_lead() or not data_parallel:  # one writer
+        save_semantic_ids(path, sids)
+        report["origin"] = origin_record(path, model.fingerprint() if model is not None else None)
+        write_json(out / REPORT_FILE, report)
+        log.info("saved semantic_id to %s", path)
+    if data_parallel:
+        rdist.barrier()  # the files exist for every rank once this returns
     if "collision_rate" in report:
         log.info("semantic ID report: %d items, collision rate %.4f, largest group %d, codes used per level %s",
                  report["items"], report["collision_rate"], report["largest_group"],
@@ -162,14 +177,15 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
 def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], args: Any = None,
                                     model: RQVAE | None = None, output_dir: str | os.PathLike | None = None,
                                     model_dir: str | os.PathLike | None = None,
-                                    known: Mapping[int, list[int]] | None = None) -> dict[int, list[int]]:
+                                    known: Mapping[int, list[int]] | None = None,
+                                    data_parallel: bool = False) -> dict[int, list[int]]:
     """Load the listed creative_emb features of `data_path`, merge, train (or encode with `model`), write
     `semantic_id_dict.json` + `semantic_id_report.json` into `output_dir` (default: `data_path`) and return the IDs.
     Returns {} with a warning naming the cause when no feature can be loaded. Raises PermissionError before any
     training when the output folder is not writable. `args`: any object or dict with RQVAEConfig fields."""
     cfg = RQVAEConfig.from_args(args) if args is not None else RQVAEConfig()
-    sids, model, _ = generate_semantic_ids(data_path, mm_emb_ids, cfg, model, known, output_dir)
-    if model_dir is not None and model is not None and sids:
+    sids, model, _ = generate_semantic_ids(data_path, mm_emb_ids, cfg, model, known, output_dir, data_parallel)
+    if model_dir is not None and model is not None and sids and (rdist.is_lead() or not data_parallel):
         model.save(model_dir)
     return sids
 

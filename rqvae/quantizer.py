@@ -24,6 +24,9 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(num_levels, codebook_size, dim))
         # Balanced assignment (rqkmeans --balanced): code j of level l wins where distance - bias[l, j] is least.
         self.register_buffer("bias", torch.zeros(num_levels, codebook_size))
+        # Data-parallel training (fit under torchrun): the EMA statistics are summed over the ranks, so every rank
+        # holds the same codebooks. Off for one process, whose arithmetic stays exactly as it was.
+        self.sync = False
 
     @property
     def num_levels(self) -> int:
@@ -102,8 +105,16 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, lvl: int, idx: torch.Tensor, r: torch.Tensor) -> None:
         d = self.decay
-        self.ema_count[lvl].mul_(d).add_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype), alpha=1 - d)
-        self.ema_sum[lvl].mul_(d).index_add_(0, idx, r, alpha=1 - d)
+        if self.sync:
+            from .dist import all_reduce_sum_
+
+            cnt = all_reduce_sum_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype))
+            tot = all_reduce_sum_(torch.zeros_like(self.ema_sum[lvl]).index_add_(0, idx, r))
+            self.ema_count[lvl].mul_(d).add_(cnt, alpha=1 - d)
+            self.ema_sum[lvl].mul_(d).add_(tot, alpha=1 - d)
+        else:
+            self.ema_count[lvl].mul_(d).add_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype), alpha=1 - d)
+            self.ema_sum[lvl].mul_(d).index_add_(0, idx, r, alpha=1 - d)
         self.codebooks[lvl].copy_(self.ema_sum[lvl] / self.ema_count[lvl].clamp_min(1e-5)[:, None])
 
     @torch.no_grad()

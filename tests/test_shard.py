@@ -127,3 +127,58 @@ def test_shard_flags_are_checked(world, checkpoint, tmp_path):
     base = ["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(tmp_path / "r")]
     assert main(base + ["--num_shards", "2", "--shard_id", "2"]) == 2
     assert main(base + ["--num_shards", "0"]) == 2
+
+
+FIT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch
+from rqvae import RQVAEConfig, dist, fit
+dist.init_from_env(torch.device("cpu"))
+x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+model, rep = fit(x, RQVAEConfig(num_epochs=3, codebook_size=32, hidden_dims=(16,), latent_dim=8, kmeans_iters=4,
+                                batch_size=256, device="cpu"), data_parallel=True)
+open({out!r} + f"/rank{{dist.rank()}}.json", "w").write(json.dumps({{"fp": model.fingerprint(), "world": rep["world_size"]}}))
+dist.close()
+"""
+
+
+def _torchrun_script(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_DIST_TIMEOUT": "120"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+
+
+def test_data_parallel_rqvae_ranks_end_with_the_same_codebooks(tmp_path):
+    r = _torchrun_script(tmp_path, FIT.format(root=str(ROOT), out=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["fp"] == ranks[1]["fp"] and ranks[0]["world"] == 2  # weights, codebooks, EMA state: all equal
+
+
+def test_torchrun_train_rqvae_and_train_write_once(world, tmp_path):
+    tr, ev = world
+    launch = "import sys\nsys.path.insert(0, {root!r})\nimport {mod}\nsys.exit({mod}.main(sys.argv[1:]))\n"
+    r = _torchrun_script(tmp_path, launch.format(root=str(ROOT), mod="train_rqvae"),
+                         "--data_dir", str(tr), "--output_dir", str(tmp_path / "rq"), "--num_epochs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("semantic IDs for") == 1  # one writer, one summary
+    rep = json.loads((tmp_path / "rq" / "semantic_id_report.json").read_text())
+    assert rep["world_size"] == 2 and rep["fit"]["world_size"] == 2
+    train_src = tmp_path / "train_copy"
+    shutil.copytree(tr, train_src)
+    r = _torchrun_script(tmp_path, launch.format(root=str(ROOT), mod="train"),
+                         "--data_dir", str(train_src), "--output_dir", str(tmp_path / "ck"),
+                         "--epochs", "1", "--hidden", "16", "--maxlen", "20", "--num_negatives", "64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["train"]["world_size"] == 2 and cfg["train"]["replicas_identical"] is True
+    users = cfg["train"]["history"][0]["unfiltered"]["users"]
+    from dataset import TrainDataset
+
+    assert users == len(TrainDataset(train_src, maxlen=20).validation_samples()["target"])  # every rank's share
+    from evalu.infer import main
+
+    assert main(["--data_dir", str(ev), "--model_dir", str(tmp_path / "ck"), "--result_dir", str(tmp_path / "r")]) == 0
