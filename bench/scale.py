@@ -8,7 +8,8 @@ ones that grow with the catalogue (candidate embedding, user embedding, exact to
 give the same top-10 in every configuration.
 
     python bench/scale.py [--candidates 200000 --users 10000 --procs 1 2]
-    python bench/scale.py --curve 100000 400000 1600000 3600000 --users 1000   # growth with the catalogue
+    python bench/scale.py --curve 100000 400000 1600000 3600000 --users 1000   # every stage, growing catalogue
+    python bench/scale.py --curve 100000 1000000 --users 1000 --io_dim 1024
 """
 from __future__ import annotations
 
@@ -99,6 +100,49 @@ def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: i
     shard.close(d)
 
 
+def _io_stages(work: Path, n: int, n_users: int, dim: int) -> dict:
+    """The stages around the model at n candidates: loading their `dim`-d embeddings from the binary cache (as
+    every run after the first does), the bootstrap encoding them with an RQ-VAE (as inference does with the
+    checkpoint's), and writing result.json for n_users users."""
+    import json
+
+    from dataset.mm_emb import CACHE_VERSION, _source_signature, load_feature
+    from dataset.safeio import write_json
+    from rqvae import RQVAEConfig, encode, fit
+
+    rng = np.random.default_rng(2)
+    emb = work / f"io_{n}_{dim}" / "creative_emb"
+    src = emb / f"emb_81_{dim}"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "part-00000").write_text("")  # the cache's source (its rows come from the binary files below)
+    cache = emb / ".genrec_cache"
+    cache.mkdir(exist_ok=True)
+    stem = f"emb_81_{dim}"
+    with open(cache / f"{stem}.f32", "wb") as f:
+        for lo in range(0, n, 262144):
+            f.write(rng.standard_normal((min(262144, n - lo), dim), dtype=np.float32).tobytes())
+    np.arange(1, n + 1, dtype=np.int64).tofile(cache / f"{stem}.ids.i64")
+    (cache / f"{stem}.meta.json").write_text(json.dumps({"version": CACHE_VERSION, "fid": "81", "dim": dim, "n": n,
+                                                         "sources": _source_signature([src / "part-00000"]),
+                                                         "skipped": {}}))
+    t0 = time.perf_counter()
+    feat = load_feature(emb, "81")
+    x = np.array(feat.emb)  # every value read once (a copy out of the memory map)
+    t1 = time.perf_counter()
+    model, _ = fit(x[:20000], RQVAEConfig(device="cpu", num_epochs=1))  # a checkpoint's RQ-VAE stand-in
+    t2 = time.perf_counter()
+    encode(model, x)
+    t3 = time.perf_counter()
+    top = rng.integers(1, n + 1, (n_users, 10)).tolist()
+    write_json(work / "result.json", {"time": 0, "top10s": top, "user": [f"user_{i}" for i in range(n_users)]},
+               compact=True)
+    t4 = time.perf_counter()
+    import shutil
+
+    shutil.rmtree(emb.parent)
+    return {"load": t1 - t0, "bootstrap": t3 - t2, "write": t4 - t3}
+
+
 def _run(world: int, work: str, n_cand: int, n_users: int) -> dict:
     import torch.multiprocessing as mp
 
@@ -122,19 +166,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts to compare (first = baseline)")
     p.add_argument("--curve", type=int, nargs="*", default=[],
                    help="candidate counts for the growth curve (1 process), instead of the comparison")
+    p.add_argument("--io_dim", type=int, default=32, help="width of the embeddings the curve loads and encodes")
     p.add_argument("--work", help="keep the trained model here (default: a temp dir)")
     a = p.parse_args(argv)
     work = a.work or tempfile.mkdtemp(prefix="bench_scale_")
     _model(Path(work))  # train once, before any timing
     print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, one thread per process")
     if a.curve:
-        print(f"\n## growth with the catalogue: {a.users} users, 1 process\n")
-        print("| candidates | candidate + user embedding s | retrieval s | s per 100k candidates | peak RSS MiB |")
-        print("|---|---|---|---|---|")
+        torch.set_num_threads(1)
+        print(f"\n## growth with the catalogue: {a.users} users, 1 process, {a.io_dim}-d embeddings\n")
+        print("| candidates | load embeddings (cache) s | bootstrap (encode) s | candidate + user embedding s | "
+              "retrieval s | write result.json s | s per 100k candidates | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|")
         for n in a.curve:
+            io = _io_stages(Path(work), n, a.users, a.io_dim)
             r = _run(1, work, n, a.users)
-            print(f"| {n:,} | {r['embed']:.2f} | {r['retrieve']:.2f} | "
-                  f"{(r['embed'] + r['retrieve']) / n * 1e5:.3f} | {r['peak_mb']:.0f} |", flush=True)
+            total = io["load"] + io["bootstrap"] + r["embed"] + r["retrieve"] + io["write"]
+            print(f"| {n:,} | {io['load']:.2f} | {io['bootstrap']:.2f} | {r['embed']:.2f} | {r['retrieve']:.2f} | "
+                  f"{io['write']:.2f} | {total / n * 1e5:.3f} | {r['peak_mb']:.0f} |", flush=True)
         return
     print(f"\n## {a.candidates:,} candidates x {a.users:,} users\n")
     print("| processes | candidate + user embedding s | retrieval s | total s | vs 1 process | same top-10 |")
