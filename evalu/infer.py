@@ -213,13 +213,17 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
                          sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
         log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
         t["load_data"] = time.perf_counter()
-        # Only now, with model and data read, does the results folder come to be (a failed run leaves none).
+    except BaseException:
+        _fail_together(d, "loading")
+        raise
+    shard.all_ok(d, True, "loading")
+    try:  # only now, with model and data read everywhere, does the results folder come to be
         if not is_writable_dir(result_dir):
             raise PermissionError(f"results folder {result_dir} cannot be written")
     except BaseException:
-        shard.all_ok(d, False, "loading") if d.active else None
+        _fail_together(d, "checking the results folder")
         raise
-    shard.all_ok(d, True, "loading")
+    shard.all_ok(d, True, "checking the results folder")
 
     if model.cfg.use_semantic_ids:
         boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_args)
@@ -274,6 +278,14 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
         if not d.lead:
             return [], [], report
     return top10s, users, report
+
+
+def _fail_together(d: shard.Dist, what: str) -> None:
+    """This rank failed during `what`: tell the others (they stop too), then fail with its own message."""
+    try:
+        shard.all_ok(d, False, what)
+    except shard.RankError:
+        pass
 
 
 def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, rq: Any, meta: dict,

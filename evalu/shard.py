@@ -84,6 +84,10 @@ def broadcast_object(d: Dist, obj: Any) -> Any:
     return box[0]
 
 
+class RankError(ValueError):
+    """Another rank failed: every rank stops with this one line instead of waiting in the next collective."""
+
+
 def all_ok(d: Dist, ok: bool, what: str) -> None:
     """Every rank reports whether it got through a stage; when one did not, all stop with the same message
     instead of waiting for it in the next collective."""
@@ -91,7 +95,7 @@ def all_ok(d: Dist, ok: bool, what: str) -> None:
         return
     failed = [r for r, good in enumerate(gather_objects(d, ok)) if not good]
     if failed:
-        raise RuntimeError(f"rank(s) {failed} failed during {what}; all ranks stop")
+        raise RankError(f"rank(s) {failed} failed during {what}; all ranks stop")
 
 
 def barrier(d: Dist) -> None:

@@ -182,3 +182,23 @@ def test_torchrun_train_rqvae_and_train_write_once(world, tmp_path):
     from evalu.infer import main
 
     assert main(["--data_dir", str(ev), "--model_dir", str(tmp_path / "ck"), "--result_dir", str(tmp_path / "r")]) == 0
+
+
+def test_torchrun_a_failure_on_one_rank_stops_all_with_one_line_each(world, checkpoint, tmp_path):
+    ev = _fresh(world, tmp_path, "ev")
+    script = tmp_path / "launch1.py"
+    script.write_text(LAUNCH.format(root=str(ROOT)).replace("from evalu.infer import main", """import os
+import evalu.infer as inf
+if os.environ["RANK"] == "1":  # only rank 1 cannot read its data
+    def broken(*a, **k):
+        raise FileNotFoundError("rank 1 lost its disk")
+    inf.TestDataset = broken
+from evalu.infer import main"""))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_DIST_TIMEOUT": "60"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir",
+                        str(tmp_path / "r"), "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    ours = sorted(ln.split("ERROR cli: ")[1] for ln in r.stderr.splitlines() if "ERROR cli:" in ln)
+    assert ours == ["rank 1 lost its disk", "rank(s) [1] failed during loading; all ranks stop"], r.stderr[-3000:]
+    assert not (tmp_path / "r").exists()
