@@ -272,7 +272,9 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     report["memory"] = peak_memory_mb(device)
     if d.active:
         ranks = shard.gather_objects(d, {"rank": d.rank, **share, "seconds": report["seconds"], "memory": report["memory"],
-                                         "semantic_id_status": boot_info.get("local_status", boot_info.get("status"))})
+                                         "semantic_id_status": boot_info.get("status"),
+                                         "semantic_ids_served": len(ds.semantic_id_dict),
+                                         "semantic_id_bootstrap": boot_info.get("local_status", boot_info.get("status"))})
         report["ranks"] = ranks
         report["rank"] = d.rank
         if not d.lead:

@@ -61,7 +61,9 @@ def test_torchrun_two_ranks_equal_one_process_and_make_the_ids_once(world, check
     assert rep["world_size"] == 2 and [x["rank"] for x in rep["ranks"]] == [0, 1]
     assert all(x["users"] > 0 and x["candidates_embedded"] > 0 for x in rep["ranks"])  # both ranks did work
     assert sum(x["users"] for x in rep["ranks"]) == len(want["user"])
-    assert [x["semantic_id_status"] for x in rep["ranks"]] == ["encoded", "loaded"]  # made once, by rank 0
+    assert [x["semantic_id_bootstrap"] for x in rep["ranks"]] == ["encoded", "loaded"]  # made once, by rank 0
+    assert [x["semantic_id_status"] for x in rep["ranks"]] == ["encoded", "encoded"]  # one status for the run
+    assert rep["ranks"][0]["semantic_ids_served"] == rep["ranks"][1]["semantic_ids_served"] > 0
     assert rep["semantic_id"]["status"] == "encoded"
     assert r.stderr.count("no semantic_id found, trying to generate") == 1
 
@@ -73,7 +75,8 @@ def test_torchrun_ranks_degrade_together_when_ids_cannot_be_made(world, checkpoi
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "r2" / "infer_report.json").read_text())
     assert rep["semantic_id"]["status"] == "failed"
-    assert [x["semantic_id_status"] for x in rep["ranks"]][1] == "disabled"  # serves what rank 0 serves
+    assert [x["semantic_id_status"] for x in rep["ranks"]] == ["failed", "failed"]  # degraded the same way ...
+    assert rep["ranks"][0]["semantic_ids_served"] == rep["ranks"][1]["semantic_ids_served"] > 0  # ... trained IDs
     ev1 = _fresh(world, tmp_path, "ev3")
     shutil.rmtree(ev1 / "creative_emb")
     alone = _single(ev1, checkpoint, tmp_path / "r3")
