@@ -62,6 +62,7 @@ def _model(work: Path):
 def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: int, out: dict) -> None:
     """One process of a configuration: the embedding and retrieval stages exactly as evalu/infer.py runs them."""
     import evalu.shard as shard
+    from rqvae import dist as rdist
     from evalu.retrieval import topk_inner_product
 
     torch.set_num_threads(1)
@@ -78,26 +79,26 @@ def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: i
     us = np.zeros((n_users, len(model.schema.user_sparse)), np.int64)
     ua = np.zeros((n_users, len(model.schema.user_array), model.schema.array_len), np.int64)
     qb = 512
-    shard.barrier(d)
+    rdist.barrier()
     t0 = time.perf_counter()
     with torch.no_grad():
         c_lo, c_hi = shard.span(len(slots), d.world, d.rank, shard.CAND_CHUNK)
         mine = [model.item_vectors(torch.as_tensor(slots[lo:min(lo + shard.CAND_CHUNK, c_hi)]))
                 for lo in range(c_lo, c_hi, shard.CAND_CHUNK)]
-        cand = shard.gather_rows(d, torch.cat(mine) if mine else torch.zeros(0, model.cfg.hidden + 1))
+        cand = rdist.gather_rows(torch.cat(mine) if mine else torch.zeros(0, model.cfg.hidden + 1))
         u_lo, u_hi = shard.span(n_users, d.world, d.rank, qb)
         q = torch.cat([model.query(torch.as_tensor(seqs[b:min(b + qb, u_hi)]), torch.as_tensor(us[b:min(b + qb, u_hi)]),
                                    torch.as_tensor(ua[b:min(b + qb, u_hi)])) for b in range(u_lo, u_hi, qb)])
         t1 = time.perf_counter()
         _, idx = topk_inner_product(q, cand, 10, user_chunk=shard.topk_user_chunk(qb))
-        idx = shard.gather_rows(d, idx)
+        idx = rdist.gather_rows(idx)
         t2 = time.perf_counter()
     if d.lead:
         import resource
 
         out.update(embed=t1 - t0, retrieve=t2 - t1, checksum=int(idx.sum()), first=idx[:3].tolist(),
                    peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    shard.close(d)
+    rdist.close()
 
 
 def _io_stages(work: Path, n: int, n_users: int, dim: int) -> dict:

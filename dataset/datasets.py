@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .safeio import DataFormatError
+from .safeio import DataFormatError, fits_int64
 from .files import load_indexer, load_item_feats, load_predict_set
 from .mm_emb import load_mm_emb
 from .semantic_ids import CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids
@@ -151,7 +151,7 @@ class _Base(Dataset):
         for _, item, ifeat, action in inter:
             if type(item) is int and 0 < item <= n_items:
                 slot = item
-            elif register_unseen and type(item) is int and n_items < item < 2**63:  # a raw creative id unseen in training
+            elif register_unseen and type(item) is int and item > n_items and fits_int64(item):  # a raw creative id unseen in training
                 slot = self.store.slot_for(item, ifeat if isinstance(ifeat, dict) else None)
             else:
                 continue

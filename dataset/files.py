@@ -10,12 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .safeio import DataFormatError, load_pickle
+from .safeio import DataFormatError, fits_int64, load_pickle
 
 log = logging.getLogger(__name__)
 
-
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def load_indexer(path: str | os.PathLike) -> dict:
@@ -75,7 +73,7 @@ def load_predict_set(path: str | os.PathLike) -> CandidatePool:
                 cid = int(obj["creative_id"])
                 rid = int(obj.get("retrieval_id", len(rids)))
                 feat = obj.get("features") or {}
-                if not (_INT64_MIN <= cid <= _INT64_MAX and _INT64_MIN <= rid <= _INT64_MAX) or not isinstance(feat, dict):
+                if not (fits_int64(cid) and fits_int64(rid)) or not isinstance(feat, dict):
                     raise ValueError("id beyond int64 or features not an object")
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 skipped["unreadable"] = skipped.get("unreadable", 0) + 1

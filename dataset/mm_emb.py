@@ -24,15 +24,14 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .cli import progress_disabled
-from .safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, is_writable_dir,
-                     load_pickle, write_json)
+from .cli import env_bool, progress_disabled
+from .safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, fits_int64,
+                     is_writable_dir, load_pickle, write_json)
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: the source signature holds inode and ctime
 _CHUNK_BYTES = 16 << 20
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
 
 
@@ -104,7 +103,7 @@ def _parse_rows_slow(lines: list[str], dim: int, skipped: dict) -> tuple[list[in
         try:
             obj = json.loads(line)
             cid = int(obj["anonymous_cid"])
-            if not _INT64_MIN <= cid <= _INT64_MAX:
+            if not fits_int64(cid):
                 raise ValueError("id beyond int64")
             vec = np.asarray(obj["emb"], dtype=np.float32)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # RecursionError: nested 100k deep
@@ -147,7 +146,7 @@ def _fast_parse(text: str, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
 @lru_cache(maxsize=1)
 def _pandas():
     """pandas when installed (the `fast` extra) and not switched off by GENREC_NO_PANDAS=1, else None."""
-    if os.environ.get("GENREC_NO_PANDAS", "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_bool("GENREC_NO_PANDAS", False):
         return None
     try:
         import pandas
@@ -333,7 +332,7 @@ def _load_pickle_source(path: Path, dim: int, add: Callable[[np.ndarray, np.ndar
         try:
             vec = np.asarray(v, dtype=np.float32).reshape(-1)
             cid = int(k)
-            if not _INT64_MIN <= cid <= _INT64_MAX:
+            if not fits_int64(cid):
                 raise ValueError("id beyond int64")
         except (TypeError, ValueError, OverflowError):
             skipped["unparseable"] = skipped.get("unparseable", 0) + 1

@@ -14,6 +14,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # ids we accept: what an int64 array can hold
+
+
+def fits_int64(v: int) -> bool:
+    return INT64_MIN <= v <= INT64_MAX
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -89,23 +96,22 @@ class PendingArray:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    def _state(self) -> tuple:
+        st = self.state
+        if not (type(st) is tuple and len(st) == 5):
+            raise pickle.UnpicklingError("numpy array without its state")
+        return st
+
     def parts(self) -> tuple[tuple, np.dtype, Any]:
         """(shape, checked dtype, raw bytes), the byte count checked against shape and dtype."""
-        st = self.state
-        if not (type(st) is tuple and len(st) == 5):
-            raise pickle.UnpicklingError("numpy array without its state")
-        _, shape, dtype, fortran, raw = st
-        dt = dtype.build() if type(dtype) is _PendingDtype else _dtype(dtype)
-        if fortran or type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape) \
-                or type(raw) is not bytes or len(raw) != math.prod(shape) * dt.itemsize:
+        _, shape, dtype, fortran, raw = self._state()
+        if fortran or type(raw) is not bytes:
             raise pickle.UnpicklingError(f"numpy array state (shape {shape!r})")
-        return shape, dt, raw
+        dt, buf = _checked(raw, dtype, shape)
+        return shape, dt, buf
 
     def build(self) -> np.ndarray:
-        st = self.state
-        if not (type(st) is tuple and len(st) == 5):
-            raise pickle.UnpicklingError("numpy array without its state")
-        _, shape, dtype, fortran, raw = st
+        _, shape, dtype, fortran, raw = self._state()
         return _array(raw, dtype, shape, "F" if fortran else "C")
 
 
@@ -115,8 +121,10 @@ def _dtype(d: Any) -> np.dtype:
     raise pickle.UnpicklingError(f"not a numpy dtype: {type(d).__name__}")
 
 
-def _array(raw: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
-    dt = dtype.build() if type(dtype) is _PendingDtype else _dtype(dtype)
+def _checked(raw: Any, dtype: Any, shape: Any) -> tuple[np.dtype, Any]:
+    """(dtype, buffer) of an array's pickled parts: a plain numeric dtype, a shape of non-negative ints, raw
+    bytes (never objects) and exactly as many of them as the shape needs: all the data comes from the file."""
+    dt = _dtype(dtype)
     if type(shape) is not tuple or not (len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0
                                         or all(type(n) is int and n >= 0 for n in shape)):
         raise pickle.UnpicklingError(f"numpy array shape {shape!r}")
@@ -125,9 +133,14 @@ def _array(raw: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
             raw = memoryview(raw).cast("B")
         except TypeError:
             raise pickle.UnpicklingError("numpy array data is not raw bytes (object arrays are refused)") from None
-    if len(raw) != (shape[0] if len(shape) == 1 else math.prod(shape)) * dt.itemsize:  # all from the file
+    if len(raw) != (shape[0] if len(shape) == 1 else math.prod(shape)) * dt.itemsize:
         raise pickle.UnpicklingError(f"numpy array of shape {shape} {dt} with {len(raw)} bytes of data")
-    a = np.frombuffer(raw, dtype=dt)
+    return dt, raw
+
+
+def _array(raw: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
+    dt, buf = _checked(raw, dtype, shape)
+    a = np.frombuffer(buf, dtype=dt)
     if len(shape) != 1 or order == "F":
         a = a.reshape(shape, order="F" if order == "F" else "C")
     return a.copy()  # writable, owning its memory, like numpy's own unpickling

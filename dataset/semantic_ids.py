@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .safeio import DataFormatError, write_json
+from .safeio import DataFormatError, fits_int64, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_semantic_ids(path: str | os.PathLike, num_levels: int = 4,
         except ValueError:
             invalid += 1
             continue
-        if not -(1 << 63) <= cid < (1 << 63):  # a creative id is an int64
+        if not fits_int64(cid):
             invalid += 1
             continue
         if (isinstance(v, list) and len(v) == num_levels

@@ -158,16 +158,17 @@ def _find_checkpoint(model_dir: Path) -> Path:
 
 @torch.no_grad()
 def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: torch.device, d: shard.Dist,
-              users: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), and when embedding finished.
-    Under torchrun each rank embeds whole chunks of the candidates (gathered by all) and scores its users."""
+              users: tuple[int, int]) -> tuple[np.ndarray, float, int]:
+    """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), when embedding finished, and how many
+    candidates this process embedded. Under torchrun each rank embeds whole chunks of the candidates (gathered
+    by all) and scores its users."""
     model.eval()
     slots = ds.candidate_slots
     c_lo, c_hi = shard.span(len(slots), d.world, d.rank, shard.CAND_CHUNK)
     width = model.cfg.hidden + int(model.cfg.item_bias)
     mine = [model.item_vectors(torch.as_tensor(slots[lo:min(lo + shard.CAND_CHUNK, c_hi)], device=device))
             for lo in range(c_lo, c_hi, shard.CAND_CHUNK)]
-    cand = shard.gather_rows(d, torch.cat(mine) if mine else torch.zeros(0, width, device=device))
+    cand = rdist.gather_rows(torch.cat(mine) if mine else torch.zeros(0, width, device=device))
     lo, hi, qb = users[0], users[1], cfg.query_batch_size
     queries = torch.cat([model.query(torch.as_tensor(ds.seqs[b:min(b + qb, hi)], device=device),
                                      torch.as_tensor(ds.user_sparse[b:min(b + qb, hi)], device=device),
@@ -185,7 +186,7 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
     else:
         _, idx = topk_inner_product(queries, cand, 10, exclude, user_chunk=shard.topk_user_chunk(qb), offset=offset)
         idx = idx.numpy()
-    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed
+    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, c_hi - c_lo
 
 
 def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
@@ -204,7 +205,7 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     result_dir = Path(cfg.result_dir)
     d = shard.init(resolve_device(cfg.device))
     device = d.device
-    try:
+    with shard.together(d, "loading"):
         ckpt = _find_checkpoint(Path(cfg.model_dir))
         model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
         log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
@@ -213,17 +214,9 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
                          sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
         log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
         t["load_data"] = time.perf_counter()
-    except BaseException:
-        _fail_together(d, "loading")
-        raise
-    shard.all_ok(d, True, "loading")
-    try:  # only now, with model and data read everywhere, does the results folder come to be
+    with shard.together(d, "checking the results folder"):  # made only now, with model and data read everywhere
         if not is_writable_dir(result_dir):
             raise PermissionError(f"results folder {result_dir} cannot be written")
-    except BaseException:
-        _fail_together(d, "checking the results folder")
-        raise
-    shard.all_ok(d, True, "checking the results folder")
 
     if model.cfg.use_semantic_ids:
         boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_args)
@@ -237,11 +230,10 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     log.info("history filtering %s", "on" if cfg.filter_seen else "off")
     parts, part = (d.world, d.rank) if d.active else (cfg.num_shards, cfg.shard_id)
     u_lo, u_hi = shard.span(len(ds), parts, part, cfg.query_batch_size)  # whole query batches: same rows as alone
-    idx, t["embed"] = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
-    c_lo, c_hi = shard.span(len(ds.candidate_slots), d.world, d.rank, shard.CAND_CHUNK)
-    share = {"users": u_hi - u_lo, "candidates_embedded": c_hi - c_lo}
+    idx, t["embed"], n_cand = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
+    share = {"users": u_hi - u_lo, "candidates_embedded": n_cand}
     if d.active:  # rank order = user order
-        idx = shard.gather_rows(d, torch.as_tensor(idx)).numpy()
+        idx = rdist.gather_rows(torch.as_tensor(idx)).numpy()
         u_lo, u_hi = 0, len(ds)
     cids = ds.candidates.creative_ids
     top10s = [[int(cids[i]) for i in row if i >= 0] for row in idx]
@@ -280,14 +272,6 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
         if not d.lead:
             return [], [], report
     return top10s, users, report
-
-
-def _fail_together(d: shard.Dist, what: str) -> None:
-    """This rank failed during `what`: tell the others (they stop too), then fail with its own message."""
-    try:
-        shard.all_ok(d, False, what)
-    except shard.RankError:
-        pass
 
 
 def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, rq: Any, meta: dict,
@@ -356,7 +340,7 @@ def _main(args: argparse.Namespace) -> int:
     result_dir = Path(report["result_dir"])  # run() resolved it (the demo's, when no paths are set)
     sh = report.get("shard")
     name, rep_name = (shard.shard_file(sh["shard_id"], sh["num_shards"]),
-                      f"infer_report.shard-{sh['shard_id']:04d}-of-{sh['num_shards']:04d}.json") if sh \
+                      shard.shard_file(sh["shard_id"], sh["num_shards"], "infer_report")) if sh \
         else (RESULT_FILE, REPORT_FILE)
     result = {"time": round(time.perf_counter() - t0, 3), "top10s": top10s, "user": users}
     if sh:

@@ -87,6 +87,12 @@ def id_file_check(rqvae: RQVAE | None, trained_ids: Mapping[int, list[int]]
     return check
 
 
+def _reload_from(ds: TestDataset, folder: Path) -> None:
+    """Look for the IDs file in `folder` first from now on, and reload it."""
+    ds.sid_dirs = [folder, *[d for d in ds.sid_dirs if d != folder]]
+    ds.rebuild()
+
+
 def _serve_trained(ds: TestDataset, trained_ids: Mapping[int, list[int]]) -> None:
     """Serve the checkpoint's own IDs for the items it was trained with (and whatever accepted file adds)."""
     missing = {c: list(v) for c, v in trained_ids.items() if c not in ds.semantic_id_dict}
@@ -117,10 +123,8 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                 out = ds.semantic_id_path.parent if is_writable_dir(ds.semantic_id_path.parent) else _output_dir(ds, result_dir)
                 with _file_lock(out):
                     _, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, ds.semantic_id_dict, out)
-                ds.sid_dirs = [out, *[d for d in ds.sid_dirs if d != out]]
-                ds.rebuild()
+                _reload_from(ds, out)
                 res.status, res.generation = "loaded+encoded", rep
-            _serve_trained(ds, trained_ids)
         elif ds.semantic_id_rejected and rqvae is not None and allow_generation:
             # Another model's IDs: make ours with the checkpoint's RQ-VAE, in the results dir (never over the
             # other file, which belongs to someone else).
@@ -129,10 +133,8 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                 sids, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, trained_ids, result_dir)
             if not sids:
                 raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
-            ds.sid_dirs = [result_dir, *[d for d in ds.sid_dirs if d != result_dir]]
-            ds.rebuild()
+            _reload_from(ds, result_dir)
             res.status, res.generation = "replaced", rep
-            _serve_trained(ds, trained_ids)
         elif not allow_generation or ds.semantic_id_rejected or (rqvae is None and trained_ids):
             # Without the checkpoint's RQ-VAE, new codes would come from another codebook: serve what it has.
             res.status = "disabled" if not allow_generation else "checkpoint"
@@ -141,15 +143,13 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
             res.warning = f"{why}: serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
                 if trained_ids else f"{why}: running without semantic IDs"
             log.warning(res.warning)
-            _serve_trained(ds, trained_ids)
         else:
             if ds.semantic_id_error:
                 log.warning("existing semantic_id_dict.json is corrupt (%s): regenerating", ds.semantic_id_error)
             log.info("no semantic_id found, trying to generate...")
             out = _output_dir(ds, result_dir)
             with _file_lock(out):
-                ds.sid_dirs = [out, *[d for d in ds.sid_dirs if d != out]]
-                ds.rebuild()  # another process may have written it while we waited for the lock
+                _reload_from(ds, out)  # another process may have written it while we waited for the lock
                 if ds.semantic_id_dict:
                     res.status = "loaded"
                     log.info("loaded semantic_id for %d items (written by another process)", len(ds.semantic_id_dict))
@@ -166,15 +166,13 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                     made = len(ds.semantic_id_dict) - int(rep.get("reused_ids", 0))
                     log.info("generated semantic_id for %d items (%d newly made, %d reused from the checkpoint)",
                              len(ds.semantic_id_dict), made, int(rep.get("reused_ids", 0)))
-            _serve_trained(ds, trained_ids)
+        _serve_trained(ds, trained_ids)  # whichever way the IDs came: the training items keep their own
     except Exception as e:  # degrade, never die: inference works without (new) semantic IDs
         res.status = "failed"
         served = f"serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
             if trained_ids else "continuing with default semantic IDs"
         res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); {served}"
         log.warning(res.warning)
-        if not ds.semantic_id_dict:
-            ds.semantic_id_dict = {}
         try:
             _serve_trained(ds, trained_ids)
         except Exception:  # noqa: BLE001 - the store itself is fine without IDs

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -59,11 +60,6 @@ def topk_user_chunk(query_batch_size: int) -> int:
     return next(c for c in range(min(query_batch_size, TOPK_USER_CHUNK), 0, -1) if query_batch_size % c == 0)
 
 
-def gather_rows(d: Dist, t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order, on every rank."""
-    return rdist.gather_rows(t) if d.active else t
-
-
 def gather_objects(d: Dist, obj: Any) -> list[Any]:
     if not d.active:
         return [obj]
@@ -84,6 +80,21 @@ def broadcast_object(d: Dist, obj: Any) -> Any:
     return box[0]
 
 
+@contextmanager
+def together(d: Dist, what: str) -> Iterator[None]:
+    """A stage every rank must get through: a rank that fails tells the others and fails with its own message;
+    the others then stop with a RankError instead of waiting for it in the next collective."""
+    try:
+        yield
+    except BaseException:
+        try:
+            all_ok(d, False, what)
+        except RankError:
+            pass
+        raise
+    all_ok(d, True, what)
+
+
 class RankError(ValueError):
     """Another rank failed: every rank stops with this one line instead of waiting in the next collective."""
 
@@ -98,23 +109,14 @@ def all_ok(d: Dist, ok: bool, what: str) -> None:
         raise RankError(f"rank(s) {failed} failed during {what}; all ranks stop")
 
 
-def barrier(d: Dist) -> None:
-    if d.active:
-        rdist.barrier()
-
-
-def close(d: Dist) -> None:
-    if d.active:
-        rdist.close()
-
-
 # --- shards without a network ---------------------------------------------------------------------------------
 
 _SHARD_RE = re.compile(r"^result\.shard-(\d+)-of-(\d+)\.json$")
 
 
-def shard_file(shard_id: int, num_shards: int) -> str:
-    return f"result.shard-{shard_id:04d}-of-{num_shards:04d}.json"
+def shard_file(shard_id: int, num_shards: int, stem: str = "result") -> str:
+    """`result.shard-000i-of-000K.json` (or the report's, with stem "infer_report")."""
+    return f"{stem}.shard-{shard_id:04d}-of-{num_shards:04d}.json"
 
 
 def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -> Path:
