@@ -231,6 +231,7 @@ def test_first_load_matches_json_loads_with_and_without_pandas(tmp_path, monkeyp
         pytest.importorskip("pandas")
     monkeypatch.setenv("GENREC_NO_PANDAS", "" if pandas_on else "1")
     mm._pandas.cache_clear()
+    assert (mm._pandas() is None) is not pandas_on  # GENREC_NO_PANDAS=1 switches the native parser off
     lines, ref = _varied_rows(3000, 7)
     bad = ['{"anonymous_cid": 99999999999999999999999, "emb": [1, 2, 3, 4, 5, 6, 7]}',  # id beyond int64
            '[' * 100_000 + ']' * 100_000,  # nested deeper than Python's recursion limit
