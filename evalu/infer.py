@@ -30,7 +30,7 @@ from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logg
 from dataset.safeio import cache_root, is_writable_dir, write_json
 from model.metrics import rank_metrics, ranks_in_topk
 from evalu import shard
-from evalu.retrieval import topk_faiss, topk_inner_product
+from evalu.retrieval import SCORE_DTYPES, auto_score_dtype, topk_faiss, topk_inner_product, topk_shortlist
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from model.checkpoint import is_checkpoint, load_checkpoint
 from model.recommender import Recommender
@@ -53,6 +53,9 @@ class InferConfig:
     allow_semantic_generation: bool = True  # ALLOW_SEMANTIC_GENERATION
     filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
     retrieval: str = "torch"  # torch | faiss
+    # torch retrieval: the dtype candidates are scored in first; below fp32 a shortlist is rescored in fp32 and
+    # proven exact per user (evalu.retrieval.topk_shortlist). auto: bf16 on CUDA, fp32 on CPU.
+    score_dtype: str = "auto"
     labels: str | None = None  # labels file for metrics; default: the data dir's labels.jsonl when there is one
     query_batch_size: int = 512
     device: str = "auto"
@@ -60,7 +63,7 @@ class InferConfig:
     num_shards: int = 1  # no-network sharding: this process answers shard `shard_id` of `num_shards` of the users
     shard_id: int = 0
 
-    CHOICES = {"retrieval": ("torch", "faiss")}
+    CHOICES = {"retrieval": ("torch", "faiss"), "score_dtype": ("auto", *SCORE_DTYPES)}
     HELP = {"data_dir": "eval data dir (env EVAL_DATA_PATH)", "result_dir": "where result.json goes (env EVAL_RESULT_PATH)",
             "model_dir": "checkpoint folder, or a folder of them: the newest wins (env MODEL_OUTPUT_PATH)",
             "mm_emb_id": "creative_emb features for new semantic IDs (default: the checkpoint RQ-VAE's, else 81)",
@@ -70,6 +73,8 @@ class InferConfig:
             "retrieval": "exact top-10 backend", "labels": "labels file ({user_id, creative_id, action_type} per "
                                                           "line) for metrics; default: the data dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
+            "score_dtype": "--retrieval torch: score in this dtype first, then rescore a shortlist in float32 (the "
+                           "same top-10, proven per user); auto: bfloat16 on CUDA, float32 on CPU",
             "plot": "when the bootstrap makes IDs, also draw semantic_id_report.png beside its report (needs matplotlib)",
             "num_shards": "split the users into this many shards, each run anywhere on its own (no network); "
                           "merge with genrec-merge / python -m evalu.shard",
@@ -158,9 +163,9 @@ def _find_checkpoint(model_dir: Path) -> Path:
 
 @torch.no_grad()
 def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: torch.device, d: shard.Dist,
-              users: tuple[int, int]) -> tuple[np.ndarray, float, int]:
-    """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), when embedding finished, and how many
-    candidates this process embedded. Under torchrun each rank embeds whole chunks of the candidates (gathered
+              users: tuple[int, int]) -> tuple[np.ndarray, float, dict]:
+    """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), when embedding finished, and this
+    process's share (candidates embedded, how the top 10 was scored). Under torchrun each rank embeds whole chunks of the candidates (gathered
     by all) and scores its users."""
     model.eval()
     slots = ds.candidate_slots
@@ -181,12 +186,21 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
         pos_of_slot = {int(s): i for i, s in enumerate(slots)}
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
                    for h in ds.histories[lo:hi]]
+    share: dict[str, Any] = {"candidates_embedded": c_hi - c_lo, "retrieval": cfg.retrieval}
     if cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
-        _, idx = topk_inner_product(queries, cand, 10, exclude, user_chunk=shard.topk_user_chunk(qb), offset=offset)
+        dtype = auto_score_dtype(device) if cfg.score_dtype == "auto" else SCORE_DTYPES[cfg.score_dtype]
+        chunk = shard.topk_user_chunk(qb)
+        if dtype == torch.float32:
+            _, idx = topk_inner_product(queries, cand, 10, exclude, user_chunk=chunk, offset=offset)
+        else:
+            stats: dict[str, int] = {}
+            _, idx = topk_shortlist(queries, cand, 10, exclude, offset, dtype, user_chunk=chunk, stats=stats)
+            share["rescored_in_float32"] = stats.get("fallback_users", 0)
+        share["score_dtype"] = str(dtype).removeprefix("torch.")
         idx = idx.numpy()
-    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, c_hi - c_lo
+    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, share
 
 
 def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
@@ -230,8 +244,8 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     log.info("history filtering %s", "on" if cfg.filter_seen else "off")
     parts, part = (d.world, d.rank) if d.active else (cfg.num_shards, cfg.shard_id)
     u_lo, u_hi = shard.span(len(ds), parts, part, cfg.query_batch_size)  # whole query batches: same rows as alone
-    idx, t["embed"], n_cand = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
-    share = {"users": u_hi - u_lo, "candidates_embedded": n_cand}
+    idx, t["embed"], share = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
+    share = {"users": u_hi - u_lo, **share}
     if d.active:  # rank order = user order
         idx = rdist.gather_rows(torch.as_tensor(idx)).numpy()
         u_lo, u_hi = 0, len(ds)
@@ -244,6 +258,8 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
                               "users": len(users),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
                               "filter_seen": cfg.filter_seen,
+                              "retrieval": {k: share[k] for k in ("retrieval", "score_dtype", "rescored_in_float32")
+                                            if k in share},
                               "device": str(device), "world_size": d.world}
     if cfg.num_shards > 1:
         report["shard"] = {"shard_id": cfg.shard_id, "num_shards": cfg.num_shards, "user_start": u_lo,

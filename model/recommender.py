@@ -48,6 +48,9 @@ class ModelConfig:
     # an item (MovieLens: a film is rated once), positive where they do. Served as part of the model's score
     # (`history_offset`); --filter-seen still removes such items outright.
     history_bias: bool = True
+    # Train as --filter-seen serves: items already in the user's sequence are no negatives (the softmax runs over
+    # the items that could be recommended). The next item itself is kept when it repeats one.
+    mask_seen: bool = False
     use_item_id: bool = True
     use_semantic_ids: bool = True
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
@@ -262,15 +265,24 @@ class Recommender(nn.Module):
         if bias is None:
             bias = torch.zeros(len(uniq), device=dev)
         p_idx, n_idx = inv[n_seq:n_seq + n_pos], inv[n_seq + n_pos:]
-        first = _first_seen(inv[:n_seq].view(seq.shape), seq, len(uniq)) if self.seen_logit is not None else None
+        mask = self.cfg.mask_seen
+        first = _first_seen(inv[:n_seq].view(seq.shape), seq, len(uniq)) \
+            if self.seen_logit is not None or mask else None
         if full:  # columns are items 1..n_items
             logits = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx]
-            if self.seen_logit is not None:
-                logits = logits + self.seen_logit * _seen(first, n_idx, seq.shape[1])[valid]
+            if first is not None:
+                seen = _seen(first, n_idx, seq.shape[1])[valid]
+                if mask:
+                    seen[torch.arange(len(target), device=dev), target - 1] = False
+                    logits = logits.masked_fill(seen, float("-inf"))
+                elif self.seen_logit is not None:
+                    logits = logits + self.seen_logit * seen
             return F.cross_entropy(logits, target - 1)
         pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bias[p_idx, None]
         neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx][None, :]
-        if self.seen_logit is not None:
+        if mask:
+            neg_logit = neg_logit.masked_fill(_seen(first, n_idx, seq.shape[1])[valid], float("-inf"))
+        elif self.seen_logit is not None:
             b_idx, t_idx = valid.nonzero(as_tuple=True)
             pos_logit = pos_logit + self.seen_logit * (first[b_idx, p_idx] <= t_idx)[:, None]
             neg_logit = neg_logit + self.seen_logit * _seen(first, n_idx, seq.shape[1])[valid]

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dataset import load_semantic_ids
 from evalu.infer import InferConfig, infer, main, parse_args, run
-from evalu.retrieval import topk_faiss, topk_inner_product
+from evalu.retrieval import topk_faiss, topk_inner_product, topk_shortlist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,6 +252,78 @@ def test_history_offset_retrieval_equals_brute_force(backend, offset):
     else:
         s, i = topk_inner_product(q, items, 10, exclude=ex, offset=offset, item_chunk=128)
     assert torch.equal(i, ref.indices) and torch.allclose(s, ref.values, atol=1e-5)
+
+
+def _assert_same_top(s, i, ref_s, ref_i, tol=1e-6):
+    """The same scores, and the same items wherever scores differ by more than fp32 rounding (two fp32 kernels
+    may order items within an ulp of each other differently)."""
+    assert torch.allclose(s, ref_s, atol=tol, rtol=0)
+    for u in range(len(s)):
+        tied = (ref_s[u][:, None] - ref_s[u][None, :]).abs() < tol
+        for p in (i[u] != ref_i[u]).nonzero()[:, 0].tolist():
+            assert i[u, p].item() in ref_i[u][tied[p]].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [float("-inf"), -0.3, 0.4, None])
+def test_low_precision_shortlist_returns_the_float32_top10(dtype, offset):
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(300, 24, generator=g), dim=1)
+    items = F.normalize(torch.randn(5000, 24, generator=g), dim=1)
+    ex = None if offset is None else [np.asarray(torch.randint(0, 5000, (40,), generator=g)) for _ in range(300)]
+    off = float("-inf") if offset is None else offset
+    ref_s, ref_i = topk_inner_product(q, items, 10, ex, offset=off)
+    stats = {}
+    s, i = topk_shortlist(q, items, 10, ex, off, dtype, groups=16, group=8, item_chunk=1024, stats=stats)
+    _assert_same_top(s, i, ref_s, ref_i)
+    assert stats["users"] == 300 and stats["fallback_users"] < 300  # the shortlist proved most users
+
+
+def test_low_precision_shortlist_falls_back_where_rounding_hides_the_winner():
+    """200 items tie with the true best in bf16 (their first coordinates round to the same value): the shortlist
+    of 16 cannot tell them apart, the proof fails, and those users are scored again in fp32."""
+    q = torch.zeros(5, 8)
+    q[:, 0] = 1.0
+    items = torch.zeros(300, 8)
+    items[:, 1] = torch.linspace(-1, 1, 300)  # no contribution to the score: q is zero there
+    items[:200, 0] = 0.5 + 0.0005 * torch.rand(200, generator=torch.Generator().manual_seed(0))
+    items[137, 0] = 0.5016  # best exactly, the same bf16 value as the others (spacing 2^-8 at 0.5)
+    assert len(set(items[:200, 0].bfloat16().tolist())) == 1
+    ref_s, ref_i = topk_inner_product(q, items, 10)
+    assert (ref_i[:, 0] == 137).all()
+    stats = {}
+    s, i = topk_shortlist(q, items, 10, dtype=torch.bfloat16, groups=16, group=8, stats=stats)
+    assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
+    assert stats["fallback_users"] == 5
+
+
+def test_low_precision_shortlist_edges():
+    g = torch.Generator().manual_seed(4)
+    q, items = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g)  # fewer items than k
+    ref_s, ref_i = topk_inner_product(q, items, 10)
+    s, i = topk_shortlist(q, items, 10)
+    assert torch.equal(i, ref_i) and (i[:, 6:] == -1).all() and torch.isinf(s[:, 6:]).all()
+    ex = [np.arange(6), np.array([0, 0, 2]), np.array([], np.int64)]  # all excluded / duplicates / none
+    for off in (float("-inf"), 0.5):
+        ref_s, ref_i = topk_inner_product(q, items, 10, ex, offset=off)
+        s, i = topk_shortlist(q, items, 10, ex, off)
+        _assert_same_top(s, i, ref_s, ref_i)
+    s, i = topk_shortlist(q[:0], items, 10)
+    assert s.shape == (0, 10)
+    big = torch.full((2, 8), 300.0)  # |q| |v| beyond fp16's range: scored in bf16 instead of inf
+    s, i = topk_shortlist(big, torch.cat([big, -big]), 1, dtype=torch.float16)
+    assert torch.isfinite(s).all() and (i[:, 0] < 2).all()
+
+
+def test_infer_reports_the_score_dtype_and_answers_the_same(world, checkpoint, tmp_path):
+    tr, ev = world
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        top, users, rep = run(_cfg(ev, checkpoint, tmp_path / dt, score_dtype=dt))
+        assert rep["retrieval"]["score_dtype"] == dt
+        out[dt] = (top, users)
+    assert out["float32"] == out["bfloat16"]
+    assert "rescored_in_float32" in rep["retrieval"]
 
 
 def test_unfiltered_inference_serves_the_learnt_history_offset(world, checkpoint, tmp_path):
