@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every model (default 1)")
+    p.add_argument("--splits", nargs="+", default=["warm", "cold-start"], choices=["warm", "cold-start"],
+                   help="which of our runs to make (the peers run on the warm split)")
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES),
+                   help="warm split: the rules to train and test our model under (one model per rule)")
+    p.add_argument("--ids", nargs="+", default=["without", "with"], choices=["without", "with"],
+                   help="our model without and/or with semantic IDs")
     p.add_argument("--peers", nargs="*", default=list(peers.PEERS), choices=list(peers.PEERS),
                    help="RecBole models to run (none: skip them)")
     p.add_argument("--peer-max-epochs", type=int, default=200)
@@ -126,21 +132,25 @@ def main(argv: list[str] | None = None) -> dict:
     train_kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
     for seed in a.seeds:
         for name, use in (("ours, no semantic ID", False), ("ours, semantic IDs", True)):
+            if ("with" if use else "without") not in a.ids:
+                continue
             model = {"use_semantic_ids": use}
-            for rule in RULES:  # warm: one model per rule, selected on validation under that rule
+            for rule in a.rules if "warm" in a.splits else ():  # one model per rule, selected under that rule
                 d = fresh_copy(splits[seed]["warm"], work / "run" / "data")
                 r = train_and_infer(d, d, work / "run", seed, [rule], model, filter_seen=str(rule == "filtered").lower(),
                                     **train_kw)
                 ours.setdefault(("warm", name, rule), []).append({**r[rule]["overall"], "seconds": r["seconds"]})
-            d = fresh_copy(splits[seed]["cold-start"], work / "run" / "data")
-            r = train_and_infer(d, d, work / "run", seed, ["chosen", "filtered", "unfiltered"], model, **train_kw)
-            for rule in RULES:
-                ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"], "seconds": r["seconds"]})
-            ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen_rule"]})
-            print(f"seed {seed} {name:22s} warm HR@10 " + " / ".join(
-                f"{ours[('warm', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES) + ", cold-start HR@10 "
-                + " / ".join(f"{ours[('cold-start', name, rule)][-1]['hr@10']:.4f} ({rule})" for rule in RULES),
-                flush=True)
+            if "cold-start" in a.splits:
+                d = fresh_copy(splits[seed]["cold-start"], work / "run" / "data")
+                r = train_and_infer(d, d, work / "run", seed, ["chosen", "filtered", "unfiltered"], model, **train_kw)
+                for rule in RULES:
+                    ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"],
+                                                                           "seconds": r["seconds"]})
+                ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen_rule"]})
+            print(f"seed {seed} {name:22s} " + ", ".join(
+                f"{split} HR@10 " + " / ".join(f"{ours[(split, name, rule)][-1]['hr@10']:.4f} ({rule})"
+                                              for rule in RULES if (split, name, rule) in ours)
+                for split in ("warm", "cold-start") if split in a.splits), flush=True)
     report = _tables(a, peer_runs, ours)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["seeds"] = a.seeds
@@ -182,7 +192,7 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
               + f" | {mean_std((r['seconds'] for r in rs), 0)} |")
     for name in ("ours, no semantic ID", "ours, semantic IDs"):
         by = {rule: ours.get(("warm", name, rule), []) for rule in RULES}
-        if not by["unfiltered"]:
+        if not any(by.values()):
             continue
         rows[name] = by
         print(f"| {name} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
@@ -197,6 +207,8 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
     best_peer = [k for k in rows if k.startswith("RecBole")]
     if best_peer and "ours, semantic IDs" in rows:
         for rule in RULES:
+            if not all(rows[k][rule] for k in [*best_peer, "ours, semantic IDs"]):
+                continue
             for m in ("hr@10", "ndcg@10"):
                 ours_v = np.array([x[m] for x in rows["ours, semantic IDs"][rule]])
                 bp = max(best_peer, key=lambda k: np.mean([x[m] for x in rows[k][rule]]))
