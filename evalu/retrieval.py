@@ -219,10 +219,44 @@ def _group_members(gid: torch.Tensor, n_items: int, group: int, item_chunk: int)
     return (gid[:, :, None] + w[:, :, None] * torch.arange(group, device=gid.device)).flatten(1)
 
 
+def _prove(queries: torch.Tensor, items: torch.Tensor, g_max: torch.Tensor, g_id: torch.Tensor, k: int,
+           exclude: Sequence[np.ndarray] | None, offset: float, group: int, item_chunk: int, u: float,
+           e_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rescore every item of each query's kept groups (and its excluded items when `offset` is finite) in fp32:
+    (top-k scores, indices, proven [U] bool: no item outside the groups can beat the k-th, see topk_shortlist)."""
+    U, C, d = queries.shape[0], items.shape[0], items.shape[1]
+    T, dev = g_id.shape[1], queries.device
+    out_s = torch.empty((U, k))
+    out_i = torch.empty((U, k), dtype=torch.long)
+    proven = torch.empty(U, dtype=torch.bool)
+    step = max(1, (1 << 22) // (T * group * d))  # users per chunk: ~16 MiB of gathered rows
+    for lo in range(0, U, step):
+        hi = min(lo + step, U)
+        ids = _group_members(g_id[lo:hi].to(dev), C, group, item_chunk)  # [n, T * group]
+        dead = (ids >= C) | (g_max[lo:hi].to(dev) == float("-inf")).repeat_interleave(group, 1)
+        n_kept = ids.shape[1]
+        if exclude is not None:  # excluded items inside the groups: out here, back below with their offset
+            ex = _padded(exclude[lo:hi], dev)
+            if ex.shape[1]:
+                dead |= (ids[:, :, None] == ex[:, None, :]).any(2)
+            if offset != float("-inf"):
+                ids, dead = torch.cat([ids, ex], 1), torch.cat([dead, ex < 0], 1)
+        s = torch.bmm(items[ids.clamp(0, C - 1)], queries[lo:hi, :, None])[..., 0]
+        s[:, n_kept:] += offset
+        ts, pos = s.masked_fill(dead, float("-inf")).topk(k, dim=1)
+        # m: the last kept group's max; -inf when the kept groups hold every eligible item. An item outside
+        # scored ŝ <= m, ŝ = the fp32 sum a rounded once: a <= m / (1 -+ u); its exact score is within e_in of a.
+        m = g_max[lo:hi, T - 1].to(dev)
+        bound = torch.maximum(m / (1 - u), m / (1 + u)) + e_in[lo:hi] + 1e-30
+        proven[lo:hi] = ((m == float("-inf")) | (ts[:, -1] > bound)).cpu()
+        out_s[lo:hi], out_i[lo:hi] = ts.cpu(), torch.where(torch.isinf(ts), -1, ids.gather(1, pos)).cpu()
+    return out_s, out_i, proven
+
+
 @torch.no_grad()
 def topk_shortlist(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                    exclude: Sequence[np.ndarray] | None = None, offset: float = float("-inf"),
-                   dtype: torch.dtype = torch.bfloat16, groups: int = 32, group: int = 16, user_chunk: int = 256,
+                   dtype: torch.dtype = torch.bfloat16, groups: int = 16, group: int = 64, user_chunk: int = 256,
                    item_chunk: int = 16384, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_inner_product`'s answer, scored in `dtype` first.
 
@@ -233,10 +267,11 @@ def topk_shortlist(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
     3. Proof per user: an item outside those groups scored at most m (the last group's max) in `dtype`; its exact
        score is at most m undone by one rounding to `dtype`, plus the measured rounding of the inputs
        (|q~ - q| max|v~| + |q| max|v~ - v|) and fp32 accumulation (Higham's gamma_d, for the low-precision sum
-       and twice for fp32's own). Where the k-th rescored score is not above that, the user is scored again in
-       fp32 (counted in `stats["fallback_users"]`), so the answer is the fp32 one whatever the data (items whose
-       fp32 scores differ by rounding alone, ~1e-7, may swap places, as they do between two fp32 kernels).
-       Assumes fp32 accumulation: torch's on CPU; on CUDA reduced-precision reductions are off meanwhile."""
+       and twice for fp32's own). Users not proven go through 1-3 again with 8x the groups
+       (`stats["second_pass_users"]`), and those still not proven are scored in fp32 (`stats["fallback_users"]`):
+       the answer is the fp32 one whatever the data (items whose fp32 scores differ by rounding alone, ~1e-7,
+       may swap places, as they do between two fp32 kernels). Assumes fp32 accumulation: torch's on CPU; on CUDA
+       reduced-precision reductions are off meanwhile."""
     U, C, d = queries.shape[0], items.shape[0], items.shape[1]
     queries, items = queries.float(), items.float()
     if dtype == torch.float16 and U and C and float(queries.norm(dim=1).max() * items.norm(dim=1).max()) > 3e4:
@@ -246,54 +281,38 @@ def topk_shortlist(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
     if U == 0 or C == 0:
         return out_s, out_i
     kk = min(k, C)
-    groups = max(groups, k)
     q_lp, items_lp = queries.to(dtype), items.to(dtype)
-    with _fp32_accumulation():
-        g_max, g_id = _group_maxima(q_lp, items_lp, groups, group, exclude, user_chunk, item_chunk)
-    # Error terms of a low-precision score, measured, not assumed: the inputs' rounding |q~ - q|, max|v~ - v|.
-    v_lp = items_lp.float()
-    del items_lp
-    v1, v2 = float(v_lp.norm(dim=1).max()), float((v_lp - items).norm(dim=1).max())
-    del v_lp
-    v0 = float(items.norm(dim=1).max())
+    # Error terms of a low-precision score, measured, not assumed: the inputs' rounding |q~ - q|, max|v~ - v|
+    # (over chunks of items: no second full-size copy).
+    v0 = v1 = v2 = 0.0
+    for lo in range(0, C, 1 << 16):
+        v, v_lp = items[lo:lo + (1 << 16)], items_lp[lo:lo + (1 << 16)].float()
+        v0, v1 = max(v0, float(v.norm(dim=1).max())), max(v1, float(v_lp.norm(dim=1).max()))
+        v2 = max(v2, float((v_lp - v).norm(dim=1).max()))
     gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
-    u = unit_roundoff(dtype)
     qn, q_lpn = queries.norm(dim=1), q_lp.float().norm(dim=1)
     e_in = (q_lp.float() - queries).norm(dim=1) * v1 + qn * v2 + gamma * (q_lpn * v1 + 2 * qn * v0)
-    dev, redo = queries.device, []
-    step = max(1, (1 << 22) // (groups * group * d))  # users per rescoring chunk: ~16 MiB of gathered rows
-    for lo in range(0, U, step):
-        hi = min(lo + step, U)
-        ids = _group_members(g_id[lo:hi].to(dev), C, group, item_chunk)  # [n, groups * group]
-        dead = (ids >= C) | (g_max[lo:hi].to(dev) == float("-inf")).repeat_interleave(group, 1)
-        if exclude is not None:  # excluded items inside the groups: out here, back below with their offset
-            ex = _padded(exclude[lo:hi], dev)
-            if ex.shape[1]:
-                dead |= (ids[:, :, None] == ex[:, None, :]).any(2)
-        n_groups = ids.shape[1]
-        if exclude is not None and offset != float("-inf"):
-            ids = torch.cat([ids, ex], 1)
-            dead = torch.cat([dead, ex < 0], 1)
-        q = queries[lo:hi]
-        s = torch.bmm(items[ids.clamp(0, C - 1)], q[:, :, None])[..., 0]
-        s[:, n_groups:] += offset
-        s = s.masked_fill(dead, float("-inf"))
-        ts, pos = s.topk(kk, dim=1)
-        ti = ids.gather(1, pos)
-        # m: the last kept group's max; -inf when the kept groups hold every eligible item
-        m = g_max[lo:hi, groups - 1].to(dev)
-        # An item outside scored ŝ <= m, ŝ = the fp32 sum a rounded once: a <= m / (1 -+ u); the exact score is
-        # within e_in of a.
-        bound = torch.maximum(m / (1 - u), m / (1 + u)) + e_in[lo:hi] + 1e-30
-        proven = (m == float("-inf")) | (ts[:, -1] > bound)
-        redo.append(lo + (~proven).nonzero()[:, 0].cpu())
-        out_s[lo:hi, :kk], out_i[lo:hi, :kk] = ts.cpu(), torch.where(torch.isinf(ts), -1, ti).cpu()
-    redo_t = torch.cat(redo)
-    if len(redo_t):
-        ex_r = [exclude[r] for r in redo_t.tolist()] if exclude is not None else None
-        out_s[redo_t], out_i[redo_t] = topk_inner_product(queries[redo_t.to(dev)], items, k, ex_r, user_chunk,
-                                                          item_chunk, offset)
+    rows = torch.arange(U)
+    passes = []
+    for t in (max(groups, k), 8 * max(groups, k)):
+        if not len(rows):
+            break
+        passes.append(len(rows))
+        dev_rows = rows.to(queries.device)
+        ex = [exclude[r] for r in rows.tolist()] if exclude is not None else None
+        with _fp32_accumulation():
+            g_max, g_id = _group_maxima(q_lp[dev_rows], items_lp, t, group, ex, user_chunk, item_chunk)
+        ts, ti, ok = _prove(queries[dev_rows], items, g_max, g_id, kk, ex, offset, group, item_chunk,
+                            unit_roundoff(dtype), e_in[dev_rows])
+        out_s[rows[ok], :kk], out_i[rows[ok], :kk] = ts[ok], ti[ok]
+        rows = rows[~ok]
+    del items_lp
+    if len(rows):
+        ex = [exclude[r] for r in rows.tolist()] if exclude is not None else None
+        out_s[rows], out_i[rows] = topk_inner_product(queries[rows.to(queries.device)], items, k, ex, user_chunk,
+                                                      item_chunk, offset)
     if stats is not None:
-        stats["fallback_users"] = stats.get("fallback_users", 0) + len(redo_t)
         stats["users"] = stats.get("users", 0) + U
+        stats["second_pass_users"] = stats.get("second_pass_users", 0) + (passes[1] if len(passes) > 1 else 0)
+        stats["fallback_users"] = stats.get("fallback_users", 0) + len(rows)
     return out_s, out_i

@@ -279,22 +279,24 @@ def test_low_precision_shortlist_returns_the_float32_top10(dtype, offset):
     assert stats["users"] == 300 and stats["fallback_users"] < 300  # the shortlist proved most users
 
 
-def test_low_precision_shortlist_falls_back_where_rounding_hides_the_winner():
-    """200 items tie with the true best in bf16 (their first coordinates round to the same value): the shortlist
-    of 16 cannot tell them apart, the proof fails, and those users are scored again in fp32."""
+@pytest.mark.parametrize("tied", [200, 3000])
+def test_low_precision_shortlist_falls_back_where_rounding_hides_the_winner(tied):
+    """`tied` items tie with the true best in bf16 (their first coordinates round to the same value): 16 groups of
+    8 cannot tell them apart and the proof fails; 128 groups hold all of 200 (second pass), not all of 3000 (those
+    users are scored again in fp32). The answer is the fp32 one every time."""
     q = torch.zeros(5, 8)
     q[:, 0] = 1.0
-    items = torch.zeros(300, 8)
-    items[:, 1] = torch.linspace(-1, 1, 300)  # no contribution to the score: q is zero there
-    items[:200, 0] = 0.5 + 0.0005 * torch.rand(200, generator=torch.Generator().manual_seed(0))
+    items = torch.zeros(tied + 100, 8)
+    items[:, 1] = torch.linspace(-1, 1, len(items))  # no contribution to the score: q is zero there
+    items[:tied, 0] = 0.5 + 0.0005 * torch.rand(tied, generator=torch.Generator().manual_seed(0))
     items[137, 0] = 0.5016  # best exactly, the same bf16 value as the others (spacing 2^-8 at 0.5)
-    assert len(set(items[:200, 0].bfloat16().tolist())) == 1
+    assert len(set(items[:tied, 0].bfloat16().tolist())) == 1
     ref_s, ref_i = topk_inner_product(q, items, 10)
     assert (ref_i[:, 0] == 137).all()
     stats = {}
     s, i = topk_shortlist(q, items, 10, dtype=torch.bfloat16, groups=16, group=8, stats=stats)
     assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
-    assert stats["fallback_users"] == 5
+    assert stats["second_pass_users"] == 5 and stats["fallback_users"] == (5 if tied > 16 * 8 * 8 else 0)
 
 
 def test_low_precision_shortlist_edges():
