@@ -54,7 +54,8 @@ class InferConfig:
     filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
     retrieval: str = "torch"  # torch | faiss
     # torch retrieval: the dtype candidates are scored in first; below fp32 a shortlist is rescored in fp32 and
-    # proven exact per user (evalu.retrieval.topk_shortlist). auto: bf16 on CUDA, fp32 on CPU.
+    # proven exact per user (evalu.retrieval.topk_shortlist). auto: bf16 on CUDA and on CPUs with bf16
+    # instructions (AVX512-BF16, AMX), else fp32.
     score_dtype: str = "auto"
     labels: str | None = None  # labels file for metrics; default: the data dir's labels.jsonl when there is one
     query_batch_size: int = 512
@@ -74,7 +75,8 @@ class InferConfig:
                                                           "line) for metrics; default: the data dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
             "score_dtype": "--retrieval torch: score in this dtype first, then rescore a shortlist in float32 (the "
-                           "same top-10, proven per user); auto: bfloat16 on CUDA, float32 on CPU",
+                           "same top-10, proven per user); auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
+                           "(AVX512-BF16, AMX), else float32",
             "plot": "when the bootstrap makes IDs, also draw semantic_id_report.png beside its report (needs matplotlib)",
             "num_shards": "split the users into this many shards, each run anywhere on its own (no network); "
                           "merge with genrec-merge / python -m evalu.shard",

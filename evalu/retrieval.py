@@ -148,9 +148,9 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_score_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; fp32 on CPUs, where the shortlist's selection costs what the bf16 product saves
-    (bench/retrieval.py, README)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA and on CPUs that multiply bf16 natively (1.6x our fp32 path on an AVX512-BF16 CPU,
+    bench/retrieval.py); fp32 elsewhere (emulated bf16 would cost more than it saves)."""
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else torch.float32
 
 
 def _padded(exclude: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -170,8 +170,8 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
     (maxima [U, groups] fp32 descending, -inf past the last group; group ids [U, groups], see `_group_members`).
 
     A block of W * group items holds W groups, group j being items j, j + W, j + 2W, ...: the group maxima are
-    an elementwise max of `group` contiguous rows of W scores, which vectorises (a max over short inner runs
-    does not)."""
+    an elementwise max of `group` contiguous rows of W scores, which vectorises, in bf16 too (a max over short
+    inner runs does not)."""
     U, C = queries.shape[0], items.shape[0]
     item_chunk = max(group, item_chunk // group * group)  # blocks hold whole groups
     t = min(groups, -(-C // group))
@@ -179,9 +179,6 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
     out_g = torch.zeros((U, groups), dtype=torch.long)
     buf = torch.empty(min(user_chunk, U) * min(item_chunk, C), dtype=torch.result_type(queries, items),
                       device=queries.device)
-    # Scores go to fp32 before the group max (exact: every bf16/fp16 value is an fp32 one), padded with -inf to
-    # whole groups: reductions over bf16 run 2-10x slower than over fp32 on CPUs.
-    buf32 = torch.empty(min(user_chunk, U) * (-(-min(item_chunk, C) // group) * group), device=queries.device)
     for ulo in range(0, U, user_chunk):
         q = queries[ulo:ulo + user_chunk]
         best_m = torch.full((len(q), 0), float("-inf"), device=q.device)
@@ -190,9 +187,8 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
             block = items[ilo:ilo + item_chunk]
             s = torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
             w = -(-len(block) // group)
-            s32 = buf32[:len(q) * w * group].view(len(q), w * group)
-            s32[:, :len(block)].copy_(s)
-            s32[:, len(block):] = float("-inf")
+            if len(block) < w * group:  # the last block: padded to whole groups
+                s = torch.cat([s, s.new_full((len(q), w * group - len(block)), float("-inf"))], 1)
             if exclude is not None:
                 rows, cols = [], []
                 for r, ex in enumerate(exclude[ulo:ulo + len(q)]):
@@ -201,8 +197,10 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
                     cols.append(sel - ilo)
                 if sum(len(c) for c in cols):
                     r_, c_ = (torch.as_tensor(np.concatenate(x), device=s.device) for x in (rows, cols))
-                    s32[r_, c_] = float("-inf")
-            gm = s32.view(len(q), group, w).amax(1)  # [n, w]: group j = items ilo + j + w * (0 .. group - 1)
+                    s[r_, c_] = float("-inf")
+            # [n, w]: group j = items ilo + j + w * (0 .. group - 1); a max over the middle axis runs at memory
+            # speed in bf16 too (over the last axis it does not)
+            gm = s.view(len(q), group, w).amax(1).float()
             bm, bg = gm.topk(min(t, w), dim=1)
             cat_m, cat_g = torch.cat([best_m, bm], 1), torch.cat([best_g, bg + ilo], 1)
             best_m, pos = cat_m.topk(min(t, cat_m.shape[1]), dim=1)
@@ -241,7 +239,8 @@ def _prove(queries: torch.Tensor, items: torch.Tensor, g_max: torch.Tensor, g_id
                 dead |= (ids[:, :, None] == ex[:, None, :]).any(2)
             if offset != float("-inf"):
                 ids, dead = torch.cat([ids, ex], 1), torch.cat([dead, ex < 0], 1)
-        s = torch.bmm(items[ids.clamp(0, C - 1)], queries[lo:hi, :, None])[..., 0]
+        rows = items.index_select(0, ids.clamp(0, C - 1).flatten()).view(*ids.shape, d)  # 10x items[ids]
+        s = torch.bmm(rows, queries[lo:hi, :, None])[..., 0]
         s[:, n_kept:] += offset
         ts, pos = s.masked_fill(dead, float("-inf")).topk(k, dim=1)
         # m: the last kept group's max; -inf when the kept groups hold every eligible item. An item outside
@@ -256,7 +255,7 @@ def _prove(queries: torch.Tensor, items: torch.Tensor, g_max: torch.Tensor, g_id
 @torch.no_grad()
 def topk_shortlist(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                    exclude: Sequence[np.ndarray] | None = None, offset: float = float("-inf"),
-                   dtype: torch.dtype = torch.bfloat16, groups: int = 16, group: int = 64, user_chunk: int = 256,
+                   dtype: torch.dtype = torch.bfloat16, groups: int = 24, group: int = 32, user_chunk: int = 256,
                    item_chunk: int = 16384, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_inner_product`'s answer, scored in `dtype` first.
 
