@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="which of our runs to make (the peers run on the warm split)")
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES),
                    help="warm split: the rules to train and test our model under (one model per rule)")
-    p.add_argument("--ids", nargs="+", default=["without", "with"], choices=["without", "with"],
-                   help="our model without and/or with semantic IDs")
+    p.add_argument("--ids", nargs="*", default=["without", "with"], choices=["without", "with"],
+                   help="our model without and/or with semantic IDs (none: the peers only)")
     p.add_argument("--peers", nargs="*", default=list(peers.PEERS), choices=list(peers.PEERS),
                    help="RecBole models to run (none: skip them)")
     p.add_argument("--peer-max-epochs", type=int, default=200)
