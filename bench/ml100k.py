@@ -170,7 +170,7 @@ def _merge(a: argparse.Namespace) -> dict:
         peer_runs += rep["peers"]
         for k, v in rep["ours"].items():
             ours.setdefault(tuple(k.split(" | ")), []).extend(v)
-    a.seeds = seeds or a.seeds
+    a.seeds = list(dict.fromkeys(seeds)) or a.seeds  # one process per seed and variant repeats seeds
     return _tables(a, peer_runs, ours)
 
 

@@ -35,6 +35,32 @@ def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ts, top_g.gather(1, pos // _GROUP) * _GROUP + pos % _GROUP
 
 
+def _score_blocks(queries: torch.Tensor, items: torch.Tensor, user_chunk: int, item_chunk: int,
+                  exclude: Sequence[np.ndarray] | None, offset: float
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(ulo, ilo, scores of queries[ulo:] x items[ilo:] block), user chunk by user chunk, items in order; the
+    excluded items' scores -inf, or + `offset` when finite. Every block lives in one buffer, valid until the next:
+    a fresh 16 MiB tensor per block costs the CPU page faults that took 40% of the time."""
+    U, C = queries.shape[0], items.shape[0]
+    buf = torch.empty(min(user_chunk, U) * min(item_chunk, C), dtype=torch.result_type(queries, items),
+                      device=queries.device)
+    for ulo in range(0, U, user_chunk):
+        q = queries[ulo:ulo + user_chunk]
+        for ilo in range(0, C, item_chunk):
+            block = items[ilo:ilo + item_chunk]
+            s = torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
+            if exclude is not None:
+                rows, cols = [], []
+                for r, ex in enumerate(exclude[ulo:ulo + len(q)]):
+                    sel = ex[(ex >= ilo) & (ex < ilo + len(block))]
+                    rows.append(np.full(len(sel), r))
+                    cols.append(sel - ilo)
+                if rows and sum(len(c) for c in cols):
+                    r_, c_ = (torch.as_tensor(np.concatenate(x), device=s.device) for x in (rows, cols))
+                    s[r_, c_] = float("-inf") if offset == float("-inf") else s[r_, c_] + offset
+            yield ulo, ilo, s
+
+
 @torch.no_grad()
 def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                        exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 256,
@@ -47,33 +73,18 @@ def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
     kk = min(k, C)
     out_s = torch.full((U, k), float("-inf"), dtype=torch.float32)
     out_i = torch.full((U, k), -1, dtype=torch.long)
-    # One score buffer for every block: a fresh 16 MiB tensor per block costs the CPU page faults that took
-    # 40% of the time (the top-k of a block never refers to the block's scores afterwards).
-    buf = torch.empty(min(user_chunk, U) * min(item_chunk, C), dtype=torch.result_type(queries, items),
-                      device=queries.device)
-    for ulo in range(0, U, user_chunk):
-        q = queries[ulo:ulo + user_chunk]
-        best_s = torch.full((len(q), 0), float("-inf"), device=q.device)
-        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
-        for ilo in range(0, C, item_chunk):
-            block = items[ilo:ilo + item_chunk]
-            s = torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
-            if exclude is not None:
-                rows, cols = [], []
-                for r, ex in enumerate(exclude[ulo:ulo + len(q)]):
-                    sel = ex[(ex >= ilo) & (ex < ilo + s.shape[1])]
-                    rows.append(np.full(len(sel), r))
-                    cols.append(sel - ilo)
-                if rows and sum(len(c) for c in cols):
-                    r_, c_ = (torch.as_tensor(np.concatenate(x), device=s.device) for x in (rows, cols))
-                    s[r_, c_] = float("-inf") if offset == float("-inf") else s[r_, c_] + offset
-            ts, ti = _block_topk(s, kk)
-            cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
-            best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
-            best_i = cat_i.gather(1, pos)
-        best_i = torch.where(torch.isinf(best_s), torch.full_like(best_i, -1), best_i)
-        out_s[ulo:ulo + len(q), :best_s.shape[1]] = best_s.float().cpu()
-        out_i[ulo:ulo + len(q), :best_i.shape[1]] = best_i.cpu()
+    for ulo, ilo, s in _score_blocks(queries, items, user_chunk, item_chunk, exclude, offset):
+        if ilo == 0:  # a new chunk of users
+            best_s = torch.full((len(s), 0), float("-inf"), device=s.device)
+            best_i = torch.zeros((len(s), 0), dtype=torch.long, device=s.device)
+        ts, ti = _block_topk(s, kk)
+        cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
+        best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
+        best_i = cat_i.gather(1, pos)
+        if ilo + s.shape[1] >= C:  # the chunk's last block
+            best_i = torch.where(torch.isinf(best_s), torch.full_like(best_i, -1), best_i)
+            out_s[ulo:ulo + len(s), :best_s.shape[1]] = best_s.float().cpu()
+            out_i[ulo:ulo + len(s), :best_i.shape[1]] = best_i.cpu()
     return out_s, out_i
 
 
@@ -177,35 +188,23 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
     t = min(groups, -(-C // group))
     out_m = torch.full((U, groups), float("-inf"))
     out_g = torch.zeros((U, groups), dtype=torch.long)
-    buf = torch.empty(min(user_chunk, U) * min(item_chunk, C), dtype=torch.result_type(queries, items),
-                      device=queries.device)
-    for ulo in range(0, U, user_chunk):
-        q = queries[ulo:ulo + user_chunk]
-        best_m = torch.full((len(q), 0), float("-inf"), device=q.device)
-        best_g = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
-        for ilo in range(0, C, item_chunk):
-            block = items[ilo:ilo + item_chunk]
-            s = torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
-            w = -(-len(block) // group)
-            if len(block) < w * group:  # the last block: padded to whole groups
-                s = torch.cat([s, s.new_full((len(q), w * group - len(block)), float("-inf"))], 1)
-            if exclude is not None:
-                rows, cols = [], []
-                for r, ex in enumerate(exclude[ulo:ulo + len(q)]):
-                    sel = ex[(ex >= ilo) & (ex < ilo + len(block))]
-                    rows.append(np.full(len(sel), r))
-                    cols.append(sel - ilo)
-                if sum(len(c) for c in cols):
-                    r_, c_ = (torch.as_tensor(np.concatenate(x), device=s.device) for x in (rows, cols))
-                    s[r_, c_] = float("-inf")
-            # [n, w]: group j = items ilo + j + w * (0 .. group - 1); a max over the middle axis runs at memory
-            # speed in bf16 too (over the last axis it does not)
-            gm = s.view(len(q), group, w).amax(1).float()
-            bm, bg = gm.topk(min(t, w), dim=1)
-            cat_m, cat_g = torch.cat([best_m, bm], 1), torch.cat([best_g, bg + ilo], 1)
-            best_m, pos = cat_m.topk(min(t, cat_m.shape[1]), dim=1)
-            best_g = cat_g.gather(1, pos)
-        out_m[ulo:ulo + len(q), :t], out_g[ulo:ulo + len(q), :t] = best_m.cpu(), best_g.cpu()
+    for ulo, ilo, s in _score_blocks(queries, items, user_chunk, item_chunk, exclude, float("-inf")):
+        n, width = s.shape
+        if ilo == 0:  # a new chunk of users
+            best_m = torch.full((n, 0), float("-inf"), device=s.device)
+            best_g = torch.zeros((n, 0), dtype=torch.long, device=s.device)
+        w = -(-width // group)
+        if width < w * group:  # the last block: padded to whole groups
+            s = torch.cat([s, s.new_full((n, w * group - width), float("-inf"))], 1)
+        # [n, w]: group j = items ilo + j + w * (0 .. group - 1); a max over the middle axis runs at memory
+        # speed in bf16 too (over the last axis it does not)
+        gm = s.view(n, group, w).amax(1).float()
+        bm, bg = gm.topk(min(t, w), dim=1)
+        cat_m, cat_g = torch.cat([best_m, bm], 1), torch.cat([best_g, bg + ilo], 1)
+        best_m, pos = cat_m.topk(min(t, cat_m.shape[1]), dim=1)
+        best_g = cat_g.gather(1, pos)
+        if ilo + width >= C:
+            out_m[ulo:ulo + n, :t], out_g[ulo:ulo + n, :t] = best_m.cpu(), best_g.cpu()
     return out_m, out_g
 
 

@@ -223,3 +223,21 @@ def test_checkpoints_of_the_first_version_load_as_they_were_trained():
     old = ModelConfig.from_dict({"hidden": 16, "num_negatives": 512})
     assert (old.sid_embedding, old.item_bias, old.history_bias, old.logq) == ("level", False, False, False)
     assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_mask_seen_drops_history_items_from_the_negatives_but_never_the_target(world, full):
+    """--mask_seen: fewer negatives can only lower the softmax loss (and must: history items are among them);
+    a next item that repeats the history stays the target (finite loss)."""
+    model, ds = _tiny_model(world, num_negatives=10_000 if full else 16, id_dropout=0.0)
+    b = _batch(ds)
+    outside = torch.tensor(sorted(set(range(1, ds.schema.num_items + 1)) - set(b["seq"].flatten().tolist())))
+    never = dict(b, pos=torch.where(b["pos"] > 0, outside[torch.arange(b["pos"].numel()) % len(outside)].view_as(b["pos"]), 0))
+    always = dict(b, pos=torch.where(b["pos"] > 0, b["seq"], 0))
+    model.eval()  # no dropout: the two losses differ by the mask alone
+    losses = {}
+    for mask in (False, True):
+        model.cfg.mask_seen = mask
+        losses[mask] = [float(model.loss(bb, torch.Generator().manual_seed(0))) for bb in (never, always)]
+    assert losses[True][0] < losses[False][0] - 1e-4, losses
+    assert np.isfinite(losses[True][1]), losses
