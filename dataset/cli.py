@@ -13,7 +13,7 @@ import os
 import sys
 import types
 import typing
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -94,6 +94,10 @@ class FlagParser(argparse.ArgumentParser):
                 name = by_key.get(name.replace("-", "_"), name)
             out.append(name + eq + value if tok.startswith("--") else tok)
         return super().parse_known_args(out, namespace)
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        """A wrong flag or value: one line and exit 2, not argparse's usage block first (`--help` has it)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_bool(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool | None,

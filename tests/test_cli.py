@@ -199,3 +199,16 @@ def test_an_unwritable_results_dir_fails_before_the_work(world, checkpoint, tmp_
                      str(tmp_path / "afile" / "results")]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "cannot be written" in errors[0]
+
+
+def test_a_wrong_flag_value_is_one_line_and_exit_2(capsys):
+    from dataset.cli import FlagParser
+
+    p = FlagParser(prog="genrec-x")
+    p.add_argument("--score_dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--n", type=int, default=1)
+    for argv in (["--score_dtype", "int8"], ["--n", "many"], ["--nope"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("genrec-x: error: "), err
