@@ -176,13 +176,11 @@ def add_dataclass_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup
 def from_namespace(cls: type, ns: argparse.Namespace | Mapping[str, Any], **extra: Any) -> Any:
     """`cls` from the flags that were given (None = not given: the dataclass default)."""
     src = vars(ns) if isinstance(ns, argparse.Namespace) else dict(ns)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kw = {k: v for k, v in src.items() if k in names and v is not None}
+    fs = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kw = {k: v for k, v in src.items() if k in fs and v is not None}
     for k, v in kw.items():
-        if isinstance(v, list) and k in names:
-            f = next(f for f in dataclasses.fields(cls) if f.name == k)
-            if isinstance(_default(f), tuple):
-                kw[k] = tuple(v)
+        if isinstance(v, list) and isinstance(_default(fs[k]), tuple):
+            kw[k] = tuple(v)
     return cls(**{**kw, **extra})
 
 

@@ -167,8 +167,8 @@ def _find_checkpoint(model_dir: Path) -> Path:
 def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: torch.device, d: shard.Dist,
               users: tuple[int, int]) -> tuple[np.ndarray, float, dict]:
     """Candidate indices of the top 10 of users [lo, hi) (-1 where fewer), when embedding finished, and this
-    process's share (candidates embedded, how the top 10 was scored). Under torchrun each rank embeds whole chunks of the candidates (gathered
-    by all) and scores its users."""
+    process's share (candidates embedded; `retrieval`: how the top 10 was scored). Under torchrun each rank embeds
+    whole chunks of the candidates (gathered by all) and scores its users."""
     model.eval()
     slots = ds.candidate_slots
     c_lo, c_hi = shard.span(len(slots), d.world, d.rank, shard.CAND_CHUNK)
@@ -188,7 +188,7 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
         pos_of_slot = {int(s): i for i, s in enumerate(slots)}
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
                    for h in ds.histories[lo:hi]]
-    share: dict[str, Any] = {"candidates_embedded": c_hi - c_lo, "retrieval": cfg.retrieval}
+    how: dict[str, Any] = {"backend": cfg.retrieval}
     if cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
@@ -199,10 +199,10 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
         else:
             stats: dict[str, int] = {}
             _, idx = topk_shortlist(queries, cand, 10, exclude, offset, dtype, user_chunk=chunk, stats=stats)
-            share["rescored_in_float32"] = stats.get("fallback_users", 0)
-        share["score_dtype"] = str(dtype).removeprefix("torch.")
+            how["rescored_in_float32"] = stats.get("fallback_users", 0)
+        how["score_dtype"] = str(dtype).removeprefix("torch.")
         idx = idx.numpy()
-    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, share
+    return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, {"candidates_embedded": c_hi - c_lo, "retrieval": how}
 
 
 def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
@@ -260,8 +260,7 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
                               "users": len(users),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
                               "filter_seen": cfg.filter_seen,
-                              "retrieval": {k: share[k] for k in ("retrieval", "score_dtype", "rescored_in_float32")
-                                            if k in share},
+                              "retrieval": share["retrieval"],
                               "device": str(device), "world_size": d.world}
     if cfg.num_shards > 1:
         report["shard"] = {"shard_id": cfg.shard_id, "num_shards": cfg.num_shards, "user_start": u_lo,

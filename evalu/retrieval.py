@@ -61,6 +61,16 @@ def _score_blocks(queries: torch.Tensor, items: torch.Tensor, user_chunk: int, i
             yield ulo, ilo, s
 
 
+def _keep_top(best: tuple[torch.Tensor, torch.Tensor] | None, vals: torch.Tensor, idx: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of the running best (None before a chunk's first block) and a block's candidates: (values,
+    indices) per row, best first."""
+    if best is not None:
+        vals, idx = torch.cat([best[0], vals], 1), torch.cat([best[1], idx], 1)
+    top, pos = vals.topk(min(k, vals.shape[1]), dim=1)
+    return top, idx.gather(1, pos)
+
+
 @torch.no_grad()
 def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
                        exclude: Sequence[np.ndarray] | None = None, user_chunk: int = 256,
@@ -73,15 +83,12 @@ def topk_inner_product(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
     kk = min(k, C)
     out_s = torch.full((U, k), float("-inf"), dtype=torch.float32)
     out_i = torch.full((U, k), -1, dtype=torch.long)
+    best = None
     for ulo, ilo, s in _score_blocks(queries, items, user_chunk, item_chunk, exclude, offset):
-        if ilo == 0:  # a new chunk of users
-            best_s = torch.full((len(s), 0), float("-inf"), device=s.device)
-            best_i = torch.zeros((len(s), 0), dtype=torch.long, device=s.device)
         ts, ti = _block_topk(s, kk)
-        cat_s, cat_i = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + ilo], 1)
-        best_s, pos = cat_s.topk(min(kk, cat_s.shape[1]), dim=1)
-        best_i = cat_i.gather(1, pos)
+        best = _keep_top(best if ilo else None, ts, ti + ilo, kk)  # ilo 0: a new chunk of users
         if ilo + s.shape[1] >= C:  # the chunk's last block
+            best_s, best_i = best
             best_i = torch.where(torch.isinf(best_s), torch.full_like(best_i, -1), best_i)
             out_s[ulo:ulo + len(s), :best_s.shape[1]] = best_s.float().cpu()
             out_i[ulo:ulo + len(s), :best_i.shape[1]] = best_i.cpu()
@@ -188,11 +195,9 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
     t = min(groups, -(-C // group))
     out_m = torch.full((U, groups), float("-inf"))
     out_g = torch.zeros((U, groups), dtype=torch.long)
+    best = None
     for ulo, ilo, s in _score_blocks(queries, items, user_chunk, item_chunk, exclude, float("-inf")):
         n, width = s.shape
-        if ilo == 0:  # a new chunk of users
-            best_m = torch.full((n, 0), float("-inf"), device=s.device)
-            best_g = torch.zeros((n, 0), dtype=torch.long, device=s.device)
         w = -(-width // group)
         if width < w * group:  # the last block: padded to whole groups
             s = torch.cat([s, s.new_full((n, w * group - width), float("-inf"))], 1)
@@ -200,11 +205,9 @@ def _group_maxima(queries: torch.Tensor, items: torch.Tensor, groups: int, group
         # speed in bf16 too (over the last axis it does not)
         gm = s.view(n, group, w).amax(1).float()
         bm, bg = gm.topk(min(t, w), dim=1)
-        cat_m, cat_g = torch.cat([best_m, bm], 1), torch.cat([best_g, bg + ilo], 1)
-        best_m, pos = cat_m.topk(min(t, cat_m.shape[1]), dim=1)
-        best_g = cat_g.gather(1, pos)
+        best = _keep_top(best if ilo else None, bm, bg + ilo, t)  # ilo 0: a new chunk of users
         if ilo + width >= C:
-            out_m[ulo:ulo + n, :t], out_g[ulo:ulo + n, :t] = best_m.cpu(), best_g.cpu()
+            out_m[ulo:ulo + n, :t], out_g[ulo:ulo + n, :t] = best[0].cpu(), best[1].cpu()
     return out_m, out_g
 
 

@@ -280,12 +280,14 @@ class Recommender(nn.Module):
             return F.cross_entropy(logits, target - 1)
         pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bias[p_idx, None]
         neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx][None, :]
-        if mask:
-            neg_logit = neg_logit.masked_fill(_seen(first, n_idx, seq.shape[1])[valid], float("-inf"))
-        elif self.seen_logit is not None:
-            b_idx, t_idx = valid.nonzero(as_tuple=True)
-            pos_logit = pos_logit + self.seen_logit * (first[b_idx, p_idx] <= t_idx)[:, None]
-            neg_logit = neg_logit + self.seen_logit * _seen(first, n_idx, seq.shape[1])[valid]
+        if first is not None:
+            seen = _seen(first, n_idx, seq.shape[1])[valid]
+            if mask:
+                neg_logit = neg_logit.masked_fill(seen, float("-inf"))
+            elif self.seen_logit is not None:
+                b_idx, t_idx = valid.nonzero(as_tuple=True)
+                pos_logit = pos_logit + self.seen_logit * (first[b_idx, p_idx] <= t_idx)[:, None]
+                neg_logit = neg_logit + self.seen_logit * seen
         if self.cfg.logq:
             log_e = expected_negatives(p_idx, len(uniq), k, n_items, len(neg) - k).log()
             pos_logit = pos_logit - log_e[p_idx, None]
