@@ -14,7 +14,7 @@ defaults, CE loss, stopped by validation patience, an epoch cap or a time budget
 model with and without semantic IDs on a fresh copy of each split (so every seed trains its own RQ-VAE).
 RecBole's published GRU4Rec figure on ml-100k (HR@10 0.1103, NDCG@10 0.0513, unfiltered) is a reference only.
 
-    python bench/ml100k.py [--seeds 0 1 2 --epochs 60 --threads 1 --peers-cache peers.jsonl]
+    python bench/ml100k.py [--seeds 0 1 2 --epochs 120 --threads 1 --peers-cache peers.jsonl]
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = FlagParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--cold-frac", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -63,7 +63,7 @@ def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: i
     """One process of a configuration: the embedding and retrieval stages exactly as evalu/infer.py runs them."""
     import evalu.shard as shard
     from rqvae import dist as rdist
-    from evalu.retrieval import topk_inner_product
+    from evalu.retrieval import topk_scored
 
     torch.set_num_threads(1)
     if world > 1:
@@ -90,7 +90,7 @@ def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: i
         q = torch.cat([model.query(torch.as_tensor(seqs[b:min(b + qb, u_hi)]), torch.as_tensor(us[b:min(b + qb, u_hi)]),
                                    torch.as_tensor(ua[b:min(b + qb, u_hi)])) for b in range(u_lo, u_hi, qb)])
         t1 = time.perf_counter()
-        _, idx = topk_inner_product(q, cand, 10, user_chunk=shard.topk_user_chunk(qb))
+        _, idx, _ = topk_scored(q, cand, 10, user_chunk=shard.topk_user_chunk(qb))  # as infer.py: --score_dtype auto
         idx = rdist.gather_rows(idx)
         t2 = time.perf_counter()
     if d.lead:

@@ -30,7 +30,7 @@ from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logg
 from dataset.safeio import cache_root, is_writable_dir, write_json
 from model.metrics import rank_metrics, ranks_in_topk
 from evalu import shard
-from evalu.retrieval import SCORE_DTYPES, auto_score_dtype, topk_faiss, topk_inner_product, topk_shortlist
+from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from model.checkpoint import is_checkpoint, load_checkpoint
 from model.recommender import Recommender
@@ -192,15 +192,8 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
     if cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
-        dtype = auto_score_dtype(device) if cfg.score_dtype == "auto" else SCORE_DTYPES[cfg.score_dtype]
-        chunk = shard.topk_user_chunk(qb)
-        if dtype == torch.float32:
-            _, idx = topk_inner_product(queries, cand, 10, exclude, user_chunk=chunk, offset=offset)
-        else:
-            stats: dict[str, int] = {}
-            _, idx = topk_shortlist(queries, cand, 10, exclude, offset, dtype, user_chunk=chunk, stats=stats)
-            how["rescored_in_float32"] = stats.get("fallback_users", 0)
-        how["score_dtype"] = str(dtype).removeprefix("torch.")
+        _, idx, scored = topk_scored(queries, cand, 10, exclude, offset, cfg.score_dtype, shard.topk_user_chunk(qb))
+        how.update(scored)
         idx = idx.numpy()
     return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, {"candidates_embedded": c_hi - c_lo, "retrieval": how}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -317,3 +317,20 @@ def topk_shortlist(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
         stats["second_pass_users"] = stats.get("second_pass_users", 0) + (passes[1] if len(passes) > 1 else 0)
         stats["fallback_users"] = stats.get("fallback_users", 0) + len(rows)
     return out_s, out_i
+
+
+def topk_scored(queries: torch.Tensor, items: torch.Tensor, k: int = 10,
+                exclude: Sequence[np.ndarray] | None = None, offset: float = float("-inf"),
+                score_dtype: str = "auto", user_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The exact top k as `--score_dtype` asks: "auto" (see auto_score_dtype), "float32" (topk_inner_product) or a
+    low precision (topk_shortlist). Returns (scores, indices, how: score_dtype and, below fp32, the users that
+    were rescored in fp32 throughout)."""
+    dtype = auto_score_dtype(queries.device) if score_dtype == "auto" else SCORE_DTYPES[score_dtype]
+    how: dict[str, Any] = {"score_dtype": str(dtype).removeprefix("torch.")}
+    if dtype == torch.float32:
+        s, i = topk_inner_product(queries, items, k, exclude, user_chunk=user_chunk, offset=offset)
+    else:
+        stats: dict[str, int] = {}
+        s, i = topk_shortlist(queries, items, k, exclude, offset, dtype, user_chunk=user_chunk, stats=stats)
+        how["rescored_in_float32"] = stats.get("fallback_users", 0)
+    return s, i, how
