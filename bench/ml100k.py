@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                 d = fresh_copy(splits[seed]["cold-start"], work / "run" / "data")
                 r = train_and_infer(d, d, work / "run", seed, ["chosen", "filtered", "unfiltered"], model, **train_kw)
                 for rule in RULES:
-                    ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"],
+                    ours.setdefault(("cold-start", name, rule), []).append({**r[rule]["cold_start"], "seed": seed,
                                                                            "seconds": r["seconds"]})
                 ours.setdefault(("cold-start", name, "chosen"), []).append({"filtered": r["chosen_rule"]})
             print(f"seed {seed} {name:22s} " + ", ".join(
@@ -169,6 +169,8 @@ def _merge(a: argparse.Namespace) -> dict:
         seeds += rep.get("seeds", [])
         peer_runs += rep["peers"]
         for k, v in rep["ours"].items():
+            if len(v) == len(rep.get("seeds", [])):  # one run per seed, in seed order (older files lack "seed")
+                v = [{"seed": s, **x} for s, x in zip(rep["seeds"], v)]
             ours.setdefault(tuple(k.split(" | ")), []).extend(v)
     a.seeds = list(dict.fromkeys(seeds)) or a.seeds  # one process per seed and variant repeats seeds
     return _tables(a, peer_runs, ours)
@@ -236,10 +238,23 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
                 sep = w.mean() - w.std() > wo.mean() + wo.std()
                 checks.append(f"cold-start {rule} {m}: with IDs {w.mean():.4f} ± {w.std():.4f} vs without "
                               f"{wo.mean():.4f} ± {wo.std():.4f}: {ratio:.2f}x, bands "
-                              f"{'separate' if sep else 'overlap'} -> {'MET' if ratio >= 1.2 and sep else 'MISSED'}")
+                              f"{'separate' if sep else 'overlap'} -> {'MET' if ratio >= 1.2 and sep else 'MISSED'}"
+                              + _paired(ours, rule, m))
     if checks:
         print("\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
     return {"peers": peer_runs, "ours": {" | ".join(k): v for k, v in ours.items()}, "checks": checks}
+
+
+def _paired(ours: dict[tuple, list[dict]], rule: str, m: str) -> str:
+    """The split moves both models' cold-start figures together (which films are cold): the difference per seed
+    shows the IDs' effect without that shared part. Runs are paired by their recorded seed."""
+    by_seed = [{x["seed"]: x[m] for x in ours[("cold-start", name, rule)] if "seed" in x}
+               for name in ("ours, semantic IDs", "ours, no semantic ID")]
+    d = np.array([by_seed[0][s] - by_seed[1][s] for s in by_seed[0] if s in by_seed[1]])
+    if not len(d):
+        return ""
+    return (f"; paired by seed: difference {d.mean():+.4f} ± {d.std():.4f}, with IDs higher in {(d > 0).sum()}, "
+            f"lower in {(d < 0).sum()} of {len(d)} seeds")
 
 
 if __name__ == "__main__":

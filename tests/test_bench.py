@@ -50,6 +50,8 @@ def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     assert "seeds [0, 1]" in out
     cold = [c for c in rep["checks"] if c.startswith("cold-start filtered hr@10")]
     assert cold and "0.1100 ± 0.0100" in cold[0] and "2.00x" in cold[0]
+    # paired by seed (the files carry their seeds): differences 0.05 and 0.06
+    assert "paired by seed: difference +0.0550 ± 0.0050, with IDs higher in 2, lower in 0 of 2 seeds" in cold[0]
 
 
 def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
