@@ -12,6 +12,9 @@ Rules (both reported, each model selected on validation under the rule it is tes
 Per seed: RecBole's SASRec (dropout 0.2 and 0.5) and GRU4Rec on the warm split (bench/peers.py: their packaged
 defaults, CE loss, stopped by validation patience, an epoch cap or a time budget, whichever comes first); our
 model with and without semantic IDs on a fresh copy of each split (so every seed trains its own RQ-VAE).
+Our model embeds the 384-d text vector directly (`--model-text direct`), or not at all (`--model-text none`):
+then the semantic IDs made from it are its only view of the text, as when a feature is too large to embed per
+item (the competition's 3584/4096-d features for millions of items); the IDs always come from that vector.
 RecBole's published GRU4Rec figure on ml-100k (HR@10 0.1103, NDCG@10 0.0513, unfiltered) is a reference only.
 
     python bench/ml100k.py [--seeds 0 1 2 --epochs 120 --threads 1 --peers-cache peers.jsonl]
@@ -35,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
-from dataset.convert_ml100k import _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
+from dataset.convert_ml100k import EMB_FID, _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
 from harness import fresh_copy, mean_std, train_and_infer  # noqa: E402
 
 PUBLISHED_GRU4REC = {"hr@10": 0.1103, "ndcg@10": 0.0513}
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cold-frac", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--model-text", default="direct", choices=["direct", "none"],
+                   help="our model embeds the text vector itself, or sees it only through the semantic IDs")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every model (default 1)")
     p.add_argument("--splits", nargs="+", default=["warm", "cold-start"], choices=["warm", "cold-start"],
                    help="which of our runs to make (the peers run on the warm split)")
@@ -129,12 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     peer_runs = _peer_runs(a, splits[a.seeds[0]]["warm"], work) if a.peers else []
     ours: dict[tuple, list[dict]] = {}
-    train_kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
+    train_kw = dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, sid_mm_emb_id=[EMB_FID])
     for seed in a.seeds:
         for name, use in (("ours, no semantic ID", False), ("ours, semantic IDs", True)):
             if ("with" if use else "without") not in a.ids:
                 continue
-            model = {"use_semantic_ids": use}
+            model = {"use_semantic_ids": use, "mm_emb_id": [EMB_FID] if a.model_text == "direct" else []}
             for rule in a.rules if "warm" in a.splits else ():  # one model per rule, selected under that rule
                 d = fresh_copy(splits[seed]["warm"], work / "run" / "data")
                 r = train_and_infer(d, d, work / "run", seed, [rule], model, filter_seen=str(rule == "filtered").lower(),
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = _tables(a, peer_runs, ours)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["seeds"] = a.seeds
+    report["model_text"] = a.model_text
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1))
     return report
@@ -164,8 +170,13 @@ def _merge(a: argparse.Namespace) -> dict:
     peer_runs: list[dict] = []
     ours: dict[tuple, list[dict]] = {}
     seeds: list[int] = []
+    texts: list[str] = []
     for path in a.merge:
         rep = json.loads(Path(path).read_text())
+        texts.append(rep.get("model_text", "direct"))  # files older than the flag: direct
+        if texts[-1] != texts[0]:
+            raise SystemExit(f"ml100k.py: error: --merge: {path} has --model-text {texts[-1]}, {a.merge[0]} "
+                             f"{texts[0]}: runs of different models")
         seeds += rep.get("seeds", [])
         peer_runs += rep["peers"]
         for k, v in rep["ours"].items():
@@ -173,13 +184,15 @@ def _merge(a: argparse.Namespace) -> dict:
                 v = [{"seed": s, **x} for s, x in zip(rep["seeds"], v)]
             ours.setdefault(tuple(k.split(" | ")), []).extend(v)
     a.seeds = list(dict.fromkeys(seeds)) or a.seeds  # one process per seed and variant repeats seeds
+    a.model_text = texts[0] if texts else a.model_text
     return _tables(a, peer_runs, ours)
 
 
 def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list[dict]]) -> dict:
     dev = "cpu"
     print(f"\n# ml-100k on {dev} ({a.threads} thread(s) per model), leave-one-out by time, full ranking over all items, "
-          f"seeds {a.seeds}, mean ± std over seeds; ours: {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}; peers: "
+          f"seeds {a.seeds}, mean ± std over seeds; ours: {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}, text "
+          f"{'embedded directly' if a.model_text == 'direct' else 'through the semantic IDs only'}; peers: "
           f"RecBole defaults, at most {a.peer_max_epochs} epochs / {a.peer_time_budget:.0f} s / patience {a.peer_patience}")
     print("\n| model (warm split) | HR@10 unfiltered | NDCG@10 unfiltered | HR@10 filtered | NDCG@10 filtered "
           "| epochs | seconds per run |")
