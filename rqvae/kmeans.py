@@ -13,13 +13,32 @@ import math
 import torch
 
 _CHUNK = 32768
+_CPU_BLOCK = 1 << 19  # elements of one CPU distance block (2 MiB in fp32): it stays in cache while reduced
 INITS = ("kmeans++", "random")
 
 
-def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = _CHUNK, bias: torch.Tensor | None = None
+def row_min(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`d.min(1)` exactly: each row's minimum and the first index holding it. On CPU torch reduces min / argmin
+    over a row with a scalar loop (about 2.5 ns an element here) but amin with vector instructions, so the index is
+    recovered from amin by vectorised arithmetic: 2-3x faster. Rows whose minimum is not finite take torch's path."""
+    k = d.shape[1]
+    if d.device.type != "cpu" or not d.is_floating_point() or k == 0 or k > 1 << 24:
+        return d.min(1)
+    m = d.amin(1, keepdim=True)
+    if not bool(torch.isfinite(m).all()):
+        return d.min(1)
+    hit = torch.sub(d, m).sign_().neg_().add_(1)  # 1 where d equals its row's minimum (x - y == 0 iff x == y), else 0
+    last = hit.mul_(torch.arange(k, 0, -1, dtype=d.dtype, device=d.device)).amax(1)  # k - first such index
+    return m.squeeze(1), (k - last).long()
+
+
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int | None = None, bias: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest row of `c` for each row of `x` (argmin of distance - `bias`, when given), and the
-    squared distance to it."""
+    squared distance to it. Rows go in chunks: on CPU small enough for the distance block to stay in cache (a
+    32768-row block ran 2x slower), elsewhere `_CHUNK` (fewer launches)."""
+    if chunk is None:
+        chunk = max(256, _CPU_BLOCK // max(c.shape[0], 1)) if x.device.type == "cpu" else _CHUNK
     c_sq = (c * c).sum(1)
     if bias is not None:
         c_sq = c_sq - bias
@@ -28,7 +47,7 @@ def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = _CHUNK, bias: torch.T
     for lo in range(0, x.shape[0], chunk):
         xb = x[lo:lo + chunk]
         d = torch.addmm(c_sq, xb, c.T, alpha=-2.0)  # ||x||^2 is constant per row: argmin without it
-        m, i = d.min(1)
+        m, i = row_min(d)
         if bias is not None:
             m = m + bias[i]
         idx[lo:lo + chunk] = i

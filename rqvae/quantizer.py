@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kmeans import kmeans, nearest
+from .kmeans import kmeans, nearest, row_min
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class ResidualQuantizer(nn.Module):
         # Balanced assignment (rqkmeans --balanced): code j of level l wins where distance - bias[l, j] is least.
         self.register_buffer("bias", torch.zeros(num_levels, codebook_size))
         # Data-parallel training (fit under torchrun): the EMA statistics are summed over the ranks, so every rank
-        # holds the same codebooks. Off for one process, whose arithmetic stays exactly as it was.
+        # holds the same codebooks.
         self.sync = False
 
     @property
@@ -91,7 +91,7 @@ class ResidualQuantizer(nn.Module):
             # fp32 distances and argmin even under autocast (bf16 would assign 0.2-0.3% of rows differently from
             # `encode`, which runs in fp32), so training and serving pick the same codes
             with torch.autocast(r.device.type, enabled=False):
-                idx = torch.addmm(c_sq[lvl], r.float(), cb.float().T, alpha=-2.0).argmin(1)
+                idx = row_min(torch.addmm(c_sq[lvl], r.float(), cb.float().T, alpha=-2.0))[1]
             q = F.embedding(idx, cb)
             if self.training:
                 self._ema_update(lvl, idx, r)
@@ -104,17 +104,17 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, lvl: int, idx: torch.Tensor, r: torch.Tensor) -> None:
-        d = self.decay
+        """EMA of each code's count and sum of assigned residuals; under data-parallel training (`sync`) the batch
+        statistics are summed over the ranks first, so every rank holds the same codebooks."""
+        cnt = torch.bincount(idx, minlength=self.codebook_size).to(r.dtype)
+        tot = torch.zeros_like(self.ema_sum[lvl]).index_add_(0, idx, r)  # index_add_ with alpha is 4x slower on CPU
         if self.sync:
             from .dist import all_reduce_sum_
 
-            cnt = all_reduce_sum_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype))
-            tot = all_reduce_sum_(torch.zeros_like(self.ema_sum[lvl]).index_add_(0, idx, r))
-            self.ema_count[lvl].mul_(d).add_(cnt, alpha=1 - d)
-            self.ema_sum[lvl].mul_(d).add_(tot, alpha=1 - d)
-        else:
-            self.ema_count[lvl].mul_(d).add_(torch.bincount(idx, minlength=self.codebook_size).to(r.dtype), alpha=1 - d)
-            self.ema_sum[lvl].mul_(d).index_add_(0, idx, r, alpha=1 - d)
+            cnt, tot = all_reduce_sum_(cnt), all_reduce_sum_(tot)
+        d = self.decay
+        self.ema_count[lvl].mul_(d).add_(cnt, alpha=1 - d)
+        self.ema_sum[lvl].mul_(d).add_(tot, alpha=1 - d)
         self.codebooks[lvl].copy_(self.ema_sum[lvl] / self.ema_count[lvl].clamp_min(1e-5)[:, None])
 
     @torch.no_grad()

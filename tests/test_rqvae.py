@@ -411,3 +411,33 @@ def test_training_assigns_codes_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, got, _ = q(z)
     assert torch.equal(got, want)
+
+
+def test_row_min_is_torch_min_exactly():
+    """The vectorised row minimum gives torch's values and first-index ties: repeated minima, signed zeros,
+    infinities, NaN and -inf rows (torch's own path), odd widths; nearest() gives the same codes in any chunking
+    (the distances may differ in the last bits: the matrix product rounds by block size)."""
+    from rqvae.kmeans import nearest, row_min
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(300, 37, generator=g).round(decimals=1)  # rounding makes ties common
+    d[0] = 0.0
+    d[1, 5], d[1, 2] = -0.0, 0.0
+    d[1] = d[1].abs().clamp_min(0.5)
+    d[1, 9], d[1, 4] = -0.0, 0.0  # both minimal: the first (4) wins
+    d[2, 3] = float("inf")
+    d[3, 7] = float("nan")
+    d[4, 1] = float("-inf")
+    for block in (d, d[:, :1], d.double()):
+        m, i = row_min(block)
+        ref_m, ref_i = block.min(1)
+        assert torch.equal(i, ref_i) and torch.equal(m.isnan(), ref_m.isnan())
+        assert torch.equal(m[~m.isnan()], ref_m[~ref_m.isnan()])
+    assert (row_min(d)[1][:2] == torch.tensor([0, 4])).all()
+    x, c = torch.randn(5000, 8, generator=g), torch.randn(64, 8, generator=g)
+    c[7] = c[3]  # duplicate centroid: the first one wins everywhere
+    ref = nearest(x, c, chunk=5000)
+    for chunk in (None, 256, 999):
+        got = nearest(x, c, chunk=chunk)
+        assert torch.equal(got[0], ref[0]) and torch.allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)  # BLAS blocking
+    assert not (ref[0] == 7).any()
