@@ -52,6 +52,10 @@ def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     assert cold and "0.1100 ± 0.0100" in cold[0] and "2.00x" in cold[0]
     # paired by seed (the files carry their seeds): differences 0.05 and 0.06
     assert "paired by seed: difference +0.0550 ± 0.0050, with IDs higher in 2, lower in 0 of 2 seeds" in cold[0]
+    other = tmp_path / "none.json"  # runs of the model that sees the text only through the IDs: never merged with these
+    other.write_text(json.dumps({**json.loads(run_file(2, 0.1).read_text()), "model_text": "none"}))
+    with pytest.raises(SystemExit, match="runs of different models"):
+        ml100k.main(["--merge", str(run_file(0, 0.10)), str(other)])
 
 
 def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
