@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 METHODS = ("rqvae", "rqkmeans")
-KMEANS_INITS = ("kmeans++", "random")
+KMEANS_INITS = ("auto", "kmeans++", "random")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class RQVAEConfig:
     latent_dim: int = 32
     kmeans_iters: int = 15
     kmeans_sample: int = 16384  # points per k-means fit (codebook init and rqkmeans): 64 per code
-    kmeans_init: str = "kmeans++"  # or "random"
+    kmeans_init: str = "auto"  # "kmeans++" or "random"; "auto": random under balanced assignment, else kmeans++
     pca_dim: int = 64  # rqkmeans: project the standardised input onto this many principal components (0: none)
     balanced: bool = True  # rqkmeans: balanced assignment (every code gets about the same number of items)
     encode_batch_size: int = 65536
@@ -42,6 +42,14 @@ class RQVAEConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+
+    def kmeans_start(self) -> str:
+        """The init every level's k-means uses. "auto" is k-means++ except under balanced assignment (rqkmeans
+        --balanced): D^2 sampling puts codes on a heavy tail's outliers, which no bias fills (on a heavy-tailed
+        set the least level perplexity ran 2-20 of 32 over seeds with k-means++, 18-19 with a random start)."""
+        if self.kmeans_init != "auto":
+            return self.kmeans_init
+        return "random" if self.balanced and self.method == "rqkmeans" else "kmeans++"
 
     def to_dict(self) -> dict:
         d = asdict(self)

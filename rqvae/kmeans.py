@@ -20,16 +20,18 @@ INITS = ("kmeans++", "random")
 def row_min(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`d.min(1)` exactly: each row's minimum and the first index holding it. On CPU torch reduces min / argmin
     over a row with a scalar loop (about 2.5 ns an element here) but amin with vector instructions, so the index is
-    recovered from amin by vectorised arithmetic: 2-3x faster. Rows whose minimum is not finite take torch's path."""
+    recovered with two more vectorised passes and a second amin: 2-3x faster. Rows whose minimum is not finite
+    take torch's path."""
     k = d.shape[1]
-    if d.device.type != "cpu" or not d.is_floating_point() or k == 0 or k > 1 << 24:
+    if d.device.type != "cpu" or d.dtype not in (torch.float32, torch.float64) or k == 0 or k > 1 << 22:
         return d.min(1)
     m = d.amin(1, keepdim=True)
     if not bool(torch.isfinite(m).all()):
         return d.min(1)
-    hit = torch.sub(d, m).sign_().neg_().add_(1)  # 1 where d equals its row's minimum (x - y == 0 iff x == y), else 0
-    last = hit.mul_(torch.arange(k, 0, -1, dtype=d.dtype, device=d.device)).amax(1)  # k - first such index
-    return m.squeeze(1), (k - last).long()
+    # sign(d - m) is 0 exactly where d equals its row's minimum (x - y == 0 iff x == y), else 1: the key
+    # index + k * sign is least at the first minimum, and exact in fp32 while 2k < 2^24
+    key = torch.add(torch.arange(k, dtype=d.dtype, device=d.device), torch.sub(d, m).sign_(), alpha=k)
+    return m.squeeze(1), key.amin(1).long()
 
 
 def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int | None = None, bias: torch.Tensor | None = None
@@ -68,11 +70,17 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None)
     idx = [first]
     d = _sq_dist(x, x[first:first + 1]).squeeze(1)
     for _ in range(1, k):
-        total = float(d.sum())
+        cum = d.double().cumsum(0)
+        total = float(cum[-1])
         if total <= 0:  # every point already sits on a centroid: take any other point
             nxt = int(torch.randint(n, (1,), generator=generator))
         else:
-            nxt = int(torch.multinomial((d / total).cpu().double(), 1, generator=generator))
+            # inverse-CDF draw (torch.multinomial spent 0.3 ms a draw on 16k points here): the first point whose
+            # cumulative weight exceeds u has weight > 0; rounding at the very top falls back to the farthest point
+            u = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
+            nxt = int(torch.searchsorted(cum, torch.tensor([u], dtype=cum.dtype, device=cum.device), right=True))
+            if nxt >= n or float(d[nxt]) <= 0:
+                nxt = int(d.argmax())
         idx.append(nxt)
         d = torch.minimum(d, _sq_dist(x, x[nxt:nxt + 1]).squeeze(1))
     return x[torch.as_tensor(idx, device=x.device)].clone()
