@@ -119,7 +119,7 @@ def faiss_rq(x: np.ndarray) -> np.ndarray:
 # our methods: RQVAEConfig overrides
 OURS = {"ours": {}, "ours+dedup": {"dedup": True}, "ours rqkmeans": {"method": "rqkmeans"},
         "rqkmeans balanced": {"method": "rqkmeans", "balanced": True},
-        "rqkmeans first version": {"method": "rqkmeans", "pca_dim": 0, "kmeans_init": "random"}}
+        "rqkmeans first version": {"method": "rqkmeans", "pca_dim": 0, "kmeans_init": "random", "balanced": False}}
 
 
 def run_method(name: str, x: np.ndarray, device: str) -> tuple[float, np.ndarray]:
