@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="print the tables of earlier runs' --out files together (e.g. one seed per process) and stop")
     a = p.parse_args(argv)
     if a.merge:
-        return _merge(a)
+        return _merge(a, p)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_ml100k_"))
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _merge(a: argparse.Namespace) -> dict:
+def _merge(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
     """Tables over several --out files: their seeds, peer runs and runs of ours, concatenated in the given order."""
     peer_runs: list[dict] = []
     ours: dict[tuple, list[dict]] = {}
@@ -175,8 +175,7 @@ def _merge(a: argparse.Namespace) -> dict:
         rep = json.loads(Path(path).read_text())
         texts.append(rep.get("model_text", "direct"))  # files older than the flag: direct
         if texts[-1] != texts[0]:
-            raise SystemExit(f"ml100k.py: error: --merge: {path} has --model-text {texts[-1]}, {a.merge[0]} "
-                             f"{texts[0]}: runs of different models")
+            p.error(f"--merge: {path} has --model-text {texts[-1]}, {a.merge[0]} {texts[0]}: runs of different models")
         seeds += rep.get("seeds", [])
         peer_runs += rep["peers"]
         for k, v in rep["ours"].items():

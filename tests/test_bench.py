@@ -54,8 +54,10 @@ def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     assert "paired by seed: difference +0.0550 ± 0.0050, with IDs higher in 2, lower in 0 of 2 seeds" in cold[0]
     other = tmp_path / "none.json"  # runs of the model that sees the text only through the IDs: never merged with these
     other.write_text(json.dumps({**json.loads(run_file(2, 0.1).read_text()), "model_text": "none"}))
-    with pytest.raises(SystemExit, match="runs of different models"):
+    with pytest.raises(SystemExit) as stop:  # a usage error: one line, exit 2, as every CLI of the project
         ml100k.main(["--merge", str(run_file(0, 0.10)), str(other)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "runs of different models" in err
 
 
 def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
