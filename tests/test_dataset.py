@@ -263,7 +263,10 @@ def test_native_parser_takes_clean_chunks_and_refuses_other_layouts(monkeypatch)
                 '{"anonymous_cid": 18446744073709551616, "emb": [1, 2, 3, 4]}',
                 '{"anonymous_cid": 9007199254740993, "emb": [1, 2, 3, 4]}',  # int64, but not exact in float64
                 '{"anonymous_cid": [5], "emb": [1, 2, 3, 4]}',
-                '{"anonymous_cid": 5, "emb": [1, 2, "3", 4]}', '{"anonymous_cid": 5, "emb": [1, 2, [3], 4]}', '']:
+                '{"anonymous_cid": 5, "emb": [1, 2, "3", 4]}', '{"anonymous_cid": 5, "emb": [1, 2, [3], 4]}', '',
+                '{"anonymous_cid": 5, "emc": [1, 2, 3, 4]}', '{"anonymous_cix": 5, "emb": [1, 2, 3, 4]}',
+                '{"anonymous_cid": 5, "xemb": [1, 2, 3, 4]}', '{"anonymous_cid": 5, "embx": [1, 2, 3, 4]}',
+                '{"anonymous_cid": 5, "emb": [1, 2, 3, 4]} {"anonymous_cid": 6, "emb": [1, 2, 3, 4]}']:
         block = "\n".join(lines[:2] + [bad] + lines[2:4]).encode()
         assert mm._native_parse(block, 4) is None, bad  # the line-by-line parser then skips and counts it
 
