@@ -39,7 +39,7 @@ def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Te
     out = torch.empty((n, d), dtype=torch.float32, device=device)
     mean_t, scale = model.mean.to(device), model.scale.to(device)
     for lo in range(0, n, _CHUNK):
-        out[lo:lo + _CHUNK] = (torch.from_numpy(np.array(x[lo:lo + _CHUNK], np.float32)).to(device) - mean_t) / scale
+        out[lo:lo + _CHUNK] = torch.from_numpy(np.array(x[lo:lo + _CHUNK], np.float32)).to(device).sub_(mean_t).div_(scale)
     return out
 
 
@@ -189,10 +189,17 @@ def encode(model: RQVAE, embeddings: np.ndarray, batch_size: int | None = None,
     resid = None
     model.eval()
     lo = 0
+    buf = None  # one host batch reused: a fresh 256 MiB tensor per 1024-d batch costs its page faults every time
     while lo < n:
         try:
-            xb = torch.from_numpy(np.array(x[lo:lo + bs], np.float32)).to(device)
-            c, last_r = model.quantizer.encode(model.encoder(model.standardise(xb)).float())
+            rows = min(bs, n - lo)
+            if buf is None or len(buf) < rows:
+                buf = np.empty((rows, x.shape[1]), np.float32)
+            np.copyto(buf[:rows], x[lo:lo + rows], casting="unsafe")  # float64 input: the same float32 as np.array
+            xb = torch.from_numpy(buf[:rows]).to(device)
+            # standardise in place: the same operations as model.standardise, without two more batch-sized tensors
+            xb = xb.sub_(model.mean).div_(model.scale)
+            c, last_r = model.quantizer.encode(model.encoder(xb).float())
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if bs <= 256:

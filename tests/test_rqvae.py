@@ -357,6 +357,20 @@ def test_fit_oom_halves_the_batch_then_falls_back_to_cpu(monkeypatch, caplog):
     assert "falling back to CPU" in caplog.text and rep["device"] == "cpu" and rep["batch_size"] == 512
 
 
+def test_encode_is_the_model_applied_row_by_row_for_any_batch_input_and_dtype(tmp_path):
+    """encode standardises in place in one reused host buffer: the codes are exactly the model's own path
+    (standardise -> encoder -> quantizer), for any batch size (a short last batch included), float64 input and a
+    memory-mapped matrix."""
+    x = clustered(2500, 16)
+    model, _ = fit(x, RQVAEConfig(**FAST))
+    with torch.no_grad():
+        ref = model.quantizer.encode(model.encoder(model.standardise(torch.from_numpy(x))).float())[0].numpy()
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    for inp, bs in [(x, 1000), (x, 7), (x.astype(np.float64), 999), (mm, 2048), (x, None)]:
+        np.testing.assert_array_equal(encode(model, inp, batch_size=bs), ref)
+
+
 def test_encode_oom_halves_the_batch_and_gives_the_same_codes(monkeypatch, caplog):
     from rqvae.quantizer import ResidualQuantizer
 
