@@ -13,6 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train.py` from anywhere: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dataset.alloc import tune_allocator
 from dataset.cli import CliError, FlagParser, add_logging_arguments, run_cli, setup_logging
 from model.trainer import TrainConfig, train
 from rqvae import dist as rdist
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.data_dir or not a.output_dir:
         p.error("--data_dir and --output_dir (or TRAIN_DATA_PATH and TRAIN_CKPT_PATH) are required")
     setup_logging(a)
+    tune_allocator()
 
     def body() -> int:
         if not (Path(a.data_dir) / "seq.jsonl").is_file():

@@ -13,6 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train_rqvae.py` from anywhere: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dataset.alloc import tune_allocator
 from dataset.cli import CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments, run_cli, setup_logging
 from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
 from rqvae import dist as rdist
@@ -67,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args)
+    tune_allocator()
     return run_cli(lambda: _run(args))
 
 

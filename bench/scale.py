@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dataset.alloc import tune_allocator  # noqa: E402
 from dataset.cli import FlagParser  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: i
     from rqvae import dist as rdist
     from evalu.retrieval import topk_scored
 
+    tune_allocator()  # a spawned process: as infer's run does
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
@@ -161,6 +163,7 @@ def _run(world: int, work: str, n_cand: int, n_users: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_allocator()  # as infer does (GENREC_NO_MALLOC_TUNING=1: glibc's defaults)
     p = FlagParser(description=__doc__)
     p.add_argument("--candidates", type=int, default=200_000)
     p.add_argument("--users", type=int, default=10_000)

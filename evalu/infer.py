@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dataset import TestDataset, load_labels
+from dataset.alloc import tune_allocator
 from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
                          run_cli, setup_logging)
 from dataset.safeio import cache_root, is_writable_dir, write_json
@@ -202,6 +203,7 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     """Everything but writing files: (top10s, users, report). Under torchrun every rank takes part and rank 0
     gets all users (the others get empty lists); with --num_shards, the users of this shard."""
     t = {"start": time.perf_counter()}
+    tune_allocator()  # the process is ours: batch-sized tensors stay in the heap
     cfg.check()
     if not (cfg.data_dir or cfg.result_dir or cfg.model_dir):
         cfg = _demo_paths(cfg)

@@ -212,3 +212,45 @@ def test_a_wrong_flag_value_is_one_line_and_exit_2(capsys):
             p.parse_args(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("genrec-x: error: "), err
+
+
+def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):
+    """glibc's allocator is set by the entry points (never raising): applied where glibc has mallopt, not with
+    GENREC_NO_MALLOC_TUNING=1, and a C library without mallopt (macOS) leaves it alone."""
+    import ctypes
+    import platform
+
+    import dataset.alloc as alloc
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    class Libc:  # a function attribute, as ctypes gives: it takes argtypes / restype
+        pass
+
+    Libc.mallopt = staticmethod(mallopt)
+    monkeypatch.setattr(alloc, "_tuned", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setenv("GENREC_NO_MALLOC_TUNING", "1")
+    assert alloc.tune_allocator() is False and calls == []
+    monkeypatch.setenv("GENREC_NO_MALLOC_TUNING", "0")
+    assert alloc.tune_allocator() is True and alloc.tune_allocator() is True
+    assert sorted(calls) == sorted(alloc._SETTINGS)  # once, every setting
+
+    monkeypatch.setattr(alloc, "_tuned", False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a C library without mallopt
+    assert alloc.tune_allocator() is False
+
+    def missing(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert alloc.tune_allocator() is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # the real one takes every setting
+        monkeypatch.undo()
+        monkeypatch.setattr(alloc, "_tuned", False)
+        monkeypatch.delenv("GENREC_NO_MALLOC_TUNING", raising=False)
+        assert alloc.tune_allocator() is True

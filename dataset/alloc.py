@@ -1,0 +1,33 @@
+"""glibc's allocator set for batch-sized tensors. By default glibc maps each block above a (moving) threshold of at
+most 32 MiB afresh and hands memory back to the system as soon as the top of the heap is free, so every batch
+of a big job pays its page faults again: embedding 1.6M candidates ran 1.6x slower for it on the CPU
+(bench/scale.py). The entry points (infer, train.py, train_rqvae.py) keep blocks up to 256 MiB in the heap and trim
+it only past 1 GiB free, for about 10% more peak memory there. GENREC_NO_MALLOC_TUNING=1 leaves the allocator as
+it is."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_SETTINGS = ((_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Apply the settings once per process; whether they are in force (False off glibc, e.g. on macOS, or when
+    GENREC_NO_MALLOC_TUNING=1). Never raises."""
+    global _tuned
+    if _tuned:
+        return True
+    if os.environ.get("GENREC_NO_MALLOC_TUNING", "").strip() not in ("", "0"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # no C library found, or one without mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+    return _tuned
