@@ -21,25 +21,31 @@ from .model import PCA, RQVAE
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
+_STAT_BYTES = 4 << 20  # float64 temporaries of the variance pass: cache-sized (a 65536-row one took 512 MiB at 1024-d)
 
 
 def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Tensor:
     """Set the model's normalisation from `x` and return standardised x on `device`, built chunk by chunk so
-    the host never holds a second full copy besides the input."""
+    the host never holds a second full copy besides the input (nor a float64 one: the variance pass works in
+    cache-sized pieces, and one float32 host batch is reused)."""
     n, d = x.shape
     s = np.zeros(d, np.float64)
     for lo in range(0, n, _CHUNK):
         s += x[lo:lo + _CHUNK].sum(0, dtype=np.float64)
     mean = s / max(n, 1)
-    sq = 0.0
-    for lo in range(0, n, _CHUNK):
-        sq += float(((x[lo:lo + _CHUNK] - mean) ** 2).sum())
+    sq, rows = 0.0, max(1, _STAT_BYTES // (8 * max(d, 1)))
+    for lo in range(0, n, rows):
+        diff = x[lo:lo + rows] - mean  # float64
+        sq += float(np.square(diff, out=diff).sum())
     model.mean.copy_(torch.from_numpy(mean).float())
     model.scale.fill_(max((sq / max(n * d, 1)) ** 0.5, 1e-8))
     out = torch.empty((n, d), dtype=torch.float32, device=device)
     mean_t, scale = model.mean.to(device), model.scale.to(device)
+    buf = np.empty((min(n, _CHUNK), d), np.float32)
     for lo in range(0, n, _CHUNK):
-        out[lo:lo + _CHUNK] = torch.from_numpy(np.array(x[lo:lo + _CHUNK], np.float32)).to(device).sub_(mean_t).div_(scale)
+        part = buf[:min(_CHUNK, n - lo)]
+        np.copyto(part, x[lo:lo + len(part)], casting="unsafe")  # float64 input: the same float32 as np.array
+        out[lo:lo + len(part)].copy_(torch.from_numpy(part)).sub_(mean_t).div_(scale)
     return out
 
 

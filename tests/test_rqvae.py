@@ -357,6 +357,24 @@ def test_fit_oom_halves_the_batch_then_falls_back_to_cpu(monkeypatch, caplog):
     assert "falling back to CPU" in caplog.text and rep["device"] == "cpu" and rep["batch_size"] == 512
 
 
+def test_standardisation_in_pieces_is_the_plain_formula(monkeypatch):
+    """fit's normalisation works in small pieces (cache-sized float64 variance pieces, one reused float32 batch):
+    mean and scale are the plain float64 statistics, the output exactly (x - mean) / scale in float32."""
+    from rqvae.model import RQVAE
+
+    fit_mod = sys.modules["rqvae.fit"]  # the package's `fit` is the function
+    monkeypatch.setattr(fit_mod, "_CHUNK", 700)
+    monkeypatch.setattr(fit_mod, "_STAT_BYTES", 8 * 16 * 33)  # 33 rows of 16 float64s a piece
+    x = clustered(2500, 16).astype(np.float64) * 3 + 1
+    model = RQVAE(16, RQVAEConfig(**FAST))
+    out = fit_mod._standardised(model, x, torch.device("cpu"))
+    mean = x.mean(0)
+    assert np.allclose(model.mean.numpy(), mean, rtol=0, atol=1e-6)
+    assert abs(float(model.scale) - np.sqrt(((x - mean) ** 2).mean())) < 1e-6
+    want = (torch.from_numpy(x.astype(np.float32)) - model.mean) / model.scale
+    assert torch.equal(out, want)
+
+
 def test_encode_is_the_model_applied_row_by_row_for_any_batch_input_and_dtype(tmp_path):
     """encode standardises in place in one reused host buffer: the codes are exactly the model's own path
     (standardise -> encoder -> quantizer), for any batch size (a short last batch included), float64 input and a
