@@ -179,8 +179,8 @@ def _layout_ok(block: bytes, flat: bytes, n: int, dim: int) -> bool:
     line, field 0 is `anonymous_cid` and field 2 `emb`. Vectorised (CPython's bytes.count of one byte is a scalar
     loop: the block-wide counts took a third of a 32-d chunk)."""
     a = np.frombuffer(flat, np.uint8)
-    if (int(np.count_nonzero(a == 44)) != n * (dim + 2)  # ','
-            or len(block) - len(flat) != _SCAFFOLD_PER_LINE * n + int(np.count_nonzero(np.frombuffer(block, np.uint8) == 32))):
+    spaces = int(np.count_nonzero(np.frombuffer(block, np.uint8) == 32))
+    if int(np.count_nonzero(a == 44)) != n * (dim + 2) or len(block) - len(flat) != _SCAFFOLD_PER_LINE * n + spaces:
         return False
     starts = np.flatnonzero(a[:-1] == 10) + 1  # every line after the first (a last newline starts none)
     if len(starts) != n - 1:
@@ -220,9 +220,7 @@ def _native_parse(block: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | Non
     ids = df[1].to_numpy(np.float64)
     if not (np.abs(ids) < 2.0**53).all() or not (ids == np.floor(ids)).all():  # beyond float64's exact ints
         return None
-    # Every row parsed has at least dim + 3 fields (a short one fails above); with these totals each line holds
-    # exactly dim + 3 fields, the layout's scaffolding, and the keys in their places (",emb," can only be
-    # field 2, the fields after it being numbers).
+    # Every row parsed has at least dim + 3 fields (a short one fails above); _layout_ok checks the rest.
     if not _layout_ok(block, flat, len(df), dim):
         return None
     # C order here, in the worker: the frame's block is column-major

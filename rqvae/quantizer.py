@@ -101,7 +101,7 @@ class ResidualQuantizer(nn.Module):
                     torch.sub(res[lvl], q[lvl], out=res[lvl + 1])
         if self.training:
             self._ema_update(codes, res)
-        partial = q  # in place, partial[l] becomes the sum of the first l + 1 codewords (cumsum over dim 0 is 10x slower on CPU)
+        partial = q  # in place: partial[l] = the sum of the first l + 1 codewords (cumsum over dim 0: 10x slower)
         for lvl in range(1, L):
             partial[lvl] += partial[lvl - 1]
         # RQ-VAE paper: commit to every partial sum (the sum over levels of each level's mean squared error)
