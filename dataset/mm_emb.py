@@ -217,14 +217,15 @@ def _native_parse(block: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | Non
                          dtype=np.float64, na_filter=False, skip_blank_lines=False, engine="c", **exact)
     except (ValueError, OverflowError, TypeError):  # pandas' ParserError is a ValueError
         return None
-    ids = df[1].to_numpy(np.float64)
+    table = df.to_numpy(np.float64)  # one float64 block: a transposed view, no copy (iloc[:, 1:] first copied it)
+    ids = table[:, 0]
     if not (np.abs(ids) < 2.0**53).all() or not (ids == np.floor(ids)).all():  # beyond float64's exact ints
         return None
     # Every row parsed has at least dim + 3 fields (a short one fails above); _layout_ok checks the rest.
     if not _layout_ok(block, flat, len(df), dim):
         return None
     # C order here, in the worker: the frame's block is column-major
-    return ids.astype(np.int64), np.ascontiguousarray(df.iloc[:, 1:].to_numpy(np.float64), dtype=np.float32)
+    return ids.astype(np.int64), np.ascontiguousarray(table[:, 1:], dtype=np.float32)
 
 
 def parse_chunk(text: str, dim: int, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
