@@ -41,6 +41,10 @@ def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> No
                                 for i, r in enumerate(x.tolist())))
 
 
+# Our stages load as the entry points do (infer, train.py, train_rqvae.py): after setting the allocator
+# (GENREC_NO_MALLOC_TUNING=1 in a stage's environment keeps glibc's defaults).
+OURS = "from dataset.mm_emb import load_feature\nfrom dataset.alloc import tune_allocator\ntune_allocator()"
+
 # (imports, work): peak memory is counted from after the imports, so torch's own footprint is not charged.
 STAGES = {
     "baseline": ("import json, numpy as np, pathlib", """
@@ -52,11 +56,11 @@ for f in sorted(pathlib.Path(FOLDER).iterdir()):
             emb[d["anonymous_cid"]] = np.array(d["emb"], dtype=np.float32)
 N = len(emb)
 """),
-    "first": ("from dataset.mm_emb import load_feature", """
+    "first": (OURS, """
 e = load_feature(EMB, FID)
 N = len(e)
 """),
-    "first, no pandas": ("from dataset.mm_emb import load_feature", """
+    "first, no pandas": (OURS, """
 e = load_feature(EMB, FID)
 N = len(e)
 """),
@@ -65,15 +69,15 @@ with open(next(pathlib.Path(EMB).glob("emb_*.pkl")), "rb") as fh:
     emb = pickle.load(fh)
 N = len(emb)
 """),
-    "pickle first": ("from dataset.mm_emb import load_feature", """
+    "pickle first": (OURS, """
 e = load_feature(EMB, FID)
 N = len(e)
 """),
-    "cached": ("from dataset.mm_emb import load_feature", """
+    "cached": (OURS, """
 e = load_feature(EMB, FID)
 N = len(e)
 """),
-    "cached+read": ("from dataset.mm_emb import load_feature", """
+    "cached+read": (OURS, """
 e = load_feature(EMB, FID)
 s = float(e.emb.sum())
 N = len(e)
@@ -136,6 +140,11 @@ def main() -> None:
         rows["ours, first load, no pandas"] = run_stage("first, no pandas", pure, "82", pure / folder.name,
                                                         {"GENREC_NO_PANDAS": "1"})
         shutil.rmtree(pure.parent)
+        plain = emb_dir / "plain" / "creative_emb"  # the same, glibc's allocator defaults
+        shutil.copytree(emb_dir, plain, ignore=shutil.ignore_patterns("pure", "plain"))
+        rows["ours, first load, glibc allocator defaults"] = run_stage("first", plain, "82", plain / folder.name,
+                                                                       {"GENREC_NO_MALLOC_TUNING": "1"})
+        shutil.rmtree(plain.parent)
         rows["ours, first load (parse + cache)"] = run_stage("first", emb_dir, "82", folder)
         rows["ours, cached load (memmap)"] = run_stage("cached", emb_dir, "82", folder)
         rows["ours, cached load + read all"] = run_stage("cached+read", emb_dir, "82", folder)
