@@ -7,7 +7,6 @@ it is."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameters (malloc.h)
@@ -25,7 +24,7 @@ def tune_allocator() -> bool:
     if os.environ.get("GENREC_NO_MALLOC_TUNING", "").strip() not in ("", "0"):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: no ctypes.util lookup (it runs ldconfig)
     except (OSError, AttributeError):  # no C library found, or one without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
