@@ -56,11 +56,8 @@ for f in sorted(pathlib.Path(FOLDER).iterdir()):
             emb[d["anonymous_cid"]] = np.array(d["emb"], dtype=np.float32)
 N = len(emb)
 """),
-    "first": (OURS, """
-e = load_feature(EMB, FID)
-N = len(e)
-"""),
-    "first, no pandas": (OURS, """
+    # every load of ours is this one call: the folder and the environment decide its path (parse, pickle, cache)
+    "load": (OURS, """
 e = load_feature(EMB, FID)
 N = len(e)
 """),
@@ -69,15 +66,7 @@ with open(next(pathlib.Path(EMB).glob("emb_*.pkl")), "rb") as fh:
     emb = pickle.load(fh)
 N = len(emb)
 """),
-    "pickle first": (OURS, """
-e = load_feature(EMB, FID)
-N = len(e)
-"""),
-    "cached": (OURS, """
-e = load_feature(EMB, FID)
-N = len(e)
-"""),
-    "cached+read": (OURS, """
+    "load+read": (OURS, """
 e = load_feature(EMB, FID)
 s = float(e.emb.sum())
 N = len(e)
@@ -137,22 +126,22 @@ def main() -> None:
             rows["baseline (json.loads per line -> dict)"] = run_stage("baseline", emb_dir, "82", folder)
         pure = emb_dir / "pure" / "creative_emb"  # its own copy: the first load must not find the other's cache
         shutil.copytree(emb_dir, pure)
-        rows["ours, first load, no pandas"] = run_stage("first, no pandas", pure, "82", pure / folder.name,
+        rows["ours, first load, no pandas"] = run_stage("load", pure, "82", pure / folder.name,
                                                         {"GENREC_NO_PANDAS": "1"})
         shutil.rmtree(pure.parent)
         plain = emb_dir / "plain" / "creative_emb"  # the same, glibc's allocator defaults
         shutil.copytree(emb_dir, plain, ignore=shutil.ignore_patterns("pure", "plain"))
-        rows["ours, first load, glibc allocator defaults"] = run_stage("first", plain, "82", plain / folder.name,
+        rows["ours, first load, glibc allocator defaults"] = run_stage("load", plain, "82", plain / folder.name,
                                                                        {"GENREC_NO_MALLOC_TUNING": "1"})
         shutil.rmtree(plain.parent)
-        rows["ours, first load (parse + cache)"] = run_stage("first", emb_dir, "82", folder)
-        rows["ours, cached load (memmap)"] = run_stage("cached", emb_dir, "82", folder)
-        rows["ours, cached load + read all"] = run_stage("cached+read", emb_dir, "82", folder)
+        rows["ours, first load (parse + cache)"] = run_stage("load", emb_dir, "82", folder)
+        rows["ours, cached load (memmap)"] = run_stage("load", emb_dir, "82", folder)
+        rows["ours, cached load + read all"] = run_stage("load+read", emb_dir, "82", folder)
         pkl = tmp / "pkl" / "creative_emb"
         pkl.mkdir(parents=True)
         write_pickle(pkl / f"emb_81_{a.dim}.pkl", a.n, a.dim)
         pickle_rows = {"pickle: baseline (pickle.load)": run_stage("pickle baseline", pkl, "81", pkl),
-                       "pickle: ours, first load (restricted unpickler + cache)": run_stage("pickle first", pkl, "81", pkl)}
+                       "pickle: ours, first load (restricted unpickler + cache)": run_stage("load", pkl, "81", pkl)}
         matrix_mb = a.n * a.dim * 4 / 2**20
         print("| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
         print("|---|---|---|---|---|---|")
