@@ -24,6 +24,14 @@ _CHUNK = 65536
 _STAT_BYTES = 4 << 20  # float64 temporaries of the variance pass: cache-sized (a 65536-row one took 512 MiB at 1024-d)
 
 
+def _rows_f32(x: np.ndarray, lo: int, buf: np.ndarray) -> np.ndarray:
+    """x[lo:lo + len(buf)] as float32 in `buf`, reused from batch to batch (a fresh batch-sized array pays its page
+    faults every time; float64 input converts to the same float32 as np.array)."""
+    part = buf[:min(len(buf), x.shape[0] - lo)]
+    np.copyto(part, x[lo:lo + len(part)], casting="unsafe")
+    return part
+
+
 def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Tensor:
     """Set the model's normalisation from `x` and return standardised x on `device`, built chunk by chunk so
     the host never holds a second full copy besides the input (nor a float64 one: the variance pass works in
@@ -43,8 +51,7 @@ def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Te
     mean_t, scale = model.mean.to(device), model.scale.to(device)
     buf = np.empty((min(n, _CHUNK), d), np.float32)
     for lo in range(0, n, _CHUNK):
-        part = buf[:min(_CHUNK, n - lo)]
-        np.copyto(part, x[lo:lo + len(part)], casting="unsafe")  # float64 input: the same float32 as np.array
+        part = _rows_f32(x, lo, buf)
         out[lo:lo + len(part)].copy_(torch.from_numpy(part)).sub_(mean_t).div_(scale)
     return out
 
@@ -195,14 +202,10 @@ def encode(model: RQVAE, embeddings: np.ndarray, batch_size: int | None = None,
     resid = None
     model.eval()
     lo = 0
-    buf = None  # one host batch reused: a fresh 256 MiB tensor per 1024-d batch costs its page faults every time
+    buf = np.empty((min(n, bs), x.shape[1]), np.float32)  # one host batch: the batch size only ever shrinks
     while lo < n:
         try:
-            rows = min(bs, n - lo)
-            if buf is None or len(buf) < rows:
-                buf = np.empty((rows, x.shape[1]), np.float32)
-            np.copyto(buf[:rows], x[lo:lo + rows], casting="unsafe")  # float64 input: the same float32 as np.array
-            xb = torch.from_numpy(buf[:rows]).to(device)
+            xb = torch.from_numpy(_rows_f32(x, lo, buf[:bs])).to(device)
             # standardise in place: the same operations as model.standardise, without two more batch-sized tensors
             xb = xb.sub_(model.mean).div_(model.scale)
             c, last_r = model.quantizer.encode(model.encoder(xb).float())
