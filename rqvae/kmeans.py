@@ -89,19 +89,34 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None)
 def balanced_bias(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None, iters: int = 50,
                   temperature: float = 0.05) -> torch.Tensor:
     """Per-centroid bias that makes argmin(distance - bias) put about n / k points in every cluster: the column
-    potentials of an entropic optimal transport with uniform marginals (log-domain Sinkhorn), warm-started from
-    `bias`. `temperature` is relative to the median gap between a point's distance to a centroid and to its
-    nearest one (the median: outliers' gaps are huge and would make the transport too soft to balance)."""
+    potentials of an entropic optimal transport with uniform marginals (Sinkhorn), warm-started from `bias`.
+    `temperature` is relative to the median gap between a point's distance to a centroid and to its nearest one
+    (the median: outliers' gaps are huge and would make the transport too soft to balance)."""
     n, k = x.shape[0], c.shape[0]
     d = _sq_dist(x, c)
-    d = d - d.min(1, keepdim=True).values
+    d -= d.min(1, keepdim=True).values
     eps = max(float(d.median()) * temperature, 1e-12)
-    logits = -d / eps
     g = torch.zeros(k, dtype=x.dtype, device=x.device) if bias is None else bias / eps
-    target = math.log(n / k)
+    target = n / k
+    # Exp domain with absorption (stabilised Sinkhorn): two matrix-vector products an iteration instead of two
+    # log-sum-exps, each several passes over [n, k]. When the scalings span more than 1e-15, they are absorbed
+    # into the potentials and the kernel is rebuilt from them (one exp pass). A kernel row is scaled to a maximum
+    # of 1 (Sinkhorn is blind to row scales), so its sum never underflows; a column that underflows entirely
+    # (a centroid out of every point's reach) is floored, and its potential grows over the next absorptions.
+    logits = d.div_(-eps)
+
+    def kernel(pot: torch.Tensor) -> torch.Tensor:
+        z = logits + pot
+        return z.sub_(z.max(1, keepdim=True).values).exp_()
+
+    kern, v = kernel(g), torch.ones_like(g)
     for _ in range(iters):
-        rows = torch.logsumexp(logits + g, dim=1, keepdim=True)
-        g = g - (torch.logsumexp(logits + g - rows, dim=0) - target)
+        v = target / (kern.T @ (1 / (kern @ v))).clamp_min_(1e-30)
+        v /= v.max()
+        if float(v.min()) < 1e-15:
+            g, v = g + v.clamp_min(1e-37).log(), torch.ones_like(g)
+            kern = kernel(g)
+    g = g + v.clamp_min(1e-37).log()
     return (g - g.mean()) * eps
 
 
