@@ -86,13 +86,17 @@ def metric_cells(runs: list[dict], columns: Iterable[tuple[str, str]] = METRIC_C
                        "/".join("y" if m["filtered"] else "n" for m in runs)])
 
 
-def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2) -> tuple[Path, Path]:
-    """The demo world of `seed` (SynthConfig defaults otherwise): (train dir, eval dir), made once under `root`."""
+def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2,
+               **world: Any) -> tuple[Path, Path]:
+    """The demo world of `seed` (SynthConfig defaults but for `world`'s fields): (train dir, eval dir), made once
+    under `root`."""
     from dataset.synth import SynthConfig, generate
 
-    w = root / f"demo{seed}"
+    cfg = SynthConfig(seed=seed, test_users=test_users, cold_frac=cold_frac, **world)
+    changed = sorted(k for k, v in world.items() if v != getattr(SynthConfig(), k))
+    w = root / "_".join([f"demo{seed}", *(f"{k}{getattr(cfg, k)}" for k in changed)])
     if not (w / "eval" / "labels.jsonl").is_file():
-        generate(w / "train", SynthConfig(seed=seed, test_users=test_users, cold_frac=cold_frac), eval_out=w / "eval")
+        generate(w / "train", cfg, eval_out=w / "eval")
     return w / "train", w / "eval"
 
 

@@ -43,6 +43,17 @@ def env_bool(name: str, default: bool) -> bool:
         raise CliError(f"{name}: {e}") from None
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number within 0-1 (a share), else a one-line error naming it."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number within 0-1")
+    return v
+
+
 def _bool_type(text: str) -> bool:
     try:
         return parse_bool(text)

@@ -202,7 +202,7 @@ def _native_parse(block: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | Non
     """Every line `{"anonymous_cid": <int>, "emb": [<dim numbers>]}` (any spacing): parse with pandas' C reader.
     None when pandas is absent or any line breaks the layout (blank line, other keys or order, wrong length,
     a token that is no number such as NaN or null, an id beyond int64): the caller then parses line by line.
-    The checks are whole-block counts (a few ms per 16 MiB; per-line checks would cost more than the parse)."""
+    The checks run per line but vectorised (`_layout_ok`: about 6 ms of a 15 MiB chunk's 97 at 1024-d)."""
     pd = _pandas()
     if pd is None:
         return None

@@ -2,8 +2,9 @@
 
 Items belong to latent topics; their multimodal embeddings are noisy projections of the topic vectors and
 one sparse feature is a noisy copy of the topic. Users prefer a few topics and move between them in a Markov
-chain, so both the sequence and the item content carry signal. A share of items ("cold") never appears in
-training but does appear in the candidate pool and as test targets.
+chain, so both the sequence and the item content carry signal; within a topic, an item is picked by its
+popularity, which nothing in its content tells. A share of items ("cold") never appears in training but does
+appear in the candidate pool and as test targets.
 
     python -m dataset.synth --out DIR [--users 2000 --test-users 500 --items 2000 --seed 0]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import FlagParser, add_logging_arguments, setup_logging
+from .cli import FlagParser, add_logging_arguments, fraction, setup_logging
 from .safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class SynthConfig:
     # Noise of each feature's projection: the cheap 32-d feature 81 is noisy, the 1024-d one is not (as in the
     # competition, where 82-86 come from much larger models). Features not listed get 0.3.
     mm_noise: tuple = ((81, 1.0),)
+    topic_share: float = 0.8  # share of items whose sparse feature 100 is their topic (the others: a random one)
+    # Oracle for ceiling runs: feature 112 is the item's popularity decile (1-10) instead of noise, so content then
+    # tells what only an item's history can tell otherwise.
+    popularity_feature: bool = False
     seed: int = 0
 
 
@@ -86,10 +91,12 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
     reid[warm_idx] = np.arange(1, len(warm_idx) + 1)  # re-ids 1..num_warm, in item order
 
     # Item sparse features (re-ids from 1): 100 ~ topic (80%), 101 random, 102 ~ topic pair, 112 random.
-    f100 = np.where(rng.random(N) < 0.8, topic, rng.integers(0, T, N)) + 1
+    f100 = np.where(rng.random(N) < cfg.topic_share, topic, rng.integers(0, T, N)) + 1
     f101 = rng.integers(1, 51, N)
     f102 = np.where(rng.random(N) < 0.7, topic // 2, rng.integers(0, (T + 1) // 2, N)) + 1
-    f112 = rng.integers(1, 11, N)
+    f112 = rng.integers(1, 11, N)  # drawn either way: the oracle's world differs from the default one in f112 only
+    if cfg.popularity_feature:
+        f112 = 1 + np.argsort(np.argsort(pop, kind="stable"), kind="stable") * 10 // N
     item_feats = [{"100": int(a), "101": int(b), "102": int(c), "112": int(d)} for a, b, c, d in zip(f100, f101, f102, f112)]
 
     # Topic transitions: stay (0.5) or jump to a user-preferred topic.
@@ -226,13 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("users", "test_users", "items", "topics", "seed", "min_len", "max_len"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
     p.add_argument("--cold-frac", type=float, default=d.cold_frac)
+    p.add_argument("--topic-share", type=fraction, default=d.topic_share,
+                   help="share of items whose feature 100 is their topic (0-1)")
+    p.add_argument("--popularity-feature", action="store_true", help="feature 112 = popularity decile (an oracle)")
     p.add_argument("--mm", nargs="+", default=[f"{a}:{b}" for a, b in d.mm], help="fid:dim of each creative_emb feature")
     add_logging_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a)
     mm = tuple(tuple(int(x) for x in s.split(":")) for s in a.mm)
     cfg = SynthConfig(users=a.users, test_users=a.test_users, items=a.items, topics=a.topics, seed=a.seed,
-                      min_len=a.min_len, max_len=a.max_len, cold_frac=a.cold_frac, mm=mm)
+                      min_len=a.min_len, max_len=a.max_len, cold_frac=a.cold_frac, mm=mm, topic_share=a.topic_share,
+                      popularity_feature=a.popularity_feature)
     generate(a.out, cfg, a.eval_out)
 
 

@@ -29,6 +29,19 @@ def test_quality_bench_reports_both_models_and_the_targets(bench_path, tmp_path,
     assert "cold-start HR@10: with IDs" in out and "overall score: with IDs" in out
 
 
+def test_quality_bench_runs_one_model_on_a_ceiling_world(bench_path, tmp_path, capsys):
+    import quality
+
+    rep = quality.main(["--seeds", "0", "--epochs", "1", "--test-users", "60", "--models", "without",
+                        "--topic-share", "1", "--popularity-feature", "--keep", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert list(rep["results"]) == ["no semantic ID"] and rep["bootstrap"] == []
+    assert rep["checks"] == ["none checked: the targets compare both models (--models without with)"]
+    assert "topic_share=1.0, popularity_feature=True" in out
+    (world,) = (tmp_path / "worlds").iterdir()  # the ceiling world has a directory of its own
+    assert world.name == "demo0_popularity_featureTrue_topic_share1.0"
+
+
 def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     import ml100k
 
