@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,31 @@ def test_balanced_assignment_balances_codes_on_new_items_too():
                                       for part in (x[:4000], x[4000:])]  # fitted items, then new ones
     assert min(min(v) for (b, _), v in perplexity.items() if b) >= 0.5 * 32, perplexity
     assert max(perplexity[False, 0]) < 0.2 * 32, perplexity
+
+
+def test_balanced_bias_matches_the_log_domain_sinkhorn():
+    """The exp-domain Sinkhorn (with absorption) gives the log-domain one's biases: on Gaussian data and on a heavy
+    tail, where some centroids are out of every point's reach and their potentials drift far."""
+    from rqvae.kmeans import _sq_dist, balanced_bias, nearest
+
+    def log_domain(x, c, iters):
+        d = _sq_dist(x, c)
+        d = d - d.min(1, keepdim=True).values
+        eps = max(float(d.median()) * 0.05, 1e-12)
+        logits, g = -d / eps, torch.zeros(len(c))
+        for _ in range(iters):
+            rows = torch.logsumexp(logits + g, dim=1, keepdim=True)
+            g = g - (torch.logsumexp(logits + g - rows, dim=0) - math.log(len(x) / len(c)))
+        return (g - g.mean()) * eps
+
+    gen = torch.Generator().manual_seed(0)
+    gauss = torch.randn(4000, 16, generator=gen)
+    heavy = gauss * torch.rand(4000, 1, generator=gen).pow(-1.5)
+    for x in (gauss, heavy):
+        c = x[torch.randperm(len(x), generator=gen)[:64]].clone()
+        ref, got = log_domain(x, c, 50), balanced_bias(x, c, iters=50)
+        assert float((ref - got).abs().max()) <= 1e-4 * float(ref.max() - ref.min())
+        assert torch.equal(nearest(x, c, bias=ref)[0], nearest(x, c, bias=got)[0])
 
 
 def test_kmeans_plus_plus_seeds_every_cluster():
