@@ -42,6 +42,35 @@ def test_quality_bench_runs_one_model_on_a_ceiling_world(bench_path, tmp_path, c
     assert world.name == "demo0_popularity_featureTrue_topic_share1.0"
 
 
+def test_ablation_merge_concatenates_seeds_and_refuses_other_settings(bench_path, tmp_path, capsys):
+    import ablation
+
+    def run_file(name: str, seeds: list[int], cold: dict[str, list[float]], epochs: int = 60) -> str:
+        part = lambda hr: {"users": 80, "hr@10": hr, "ndcg@10": hr / 2, "score": hr}  # noqa: E731
+        res = {v: [{"overall": part(0.2), "cold_start": part(c), "warm": part(0.2), "filtered": True, "seconds": 9.0}
+                   for c in hrs] for v, hrs in cold.items()}
+        path = tmp_path / name
+        path.write_text(json.dumps({"world": "ml100k", "train": {"epochs": epochs}, "seeds": seeds, "results": res}))
+        return str(path)
+
+    a = run_file("a.json", [0, 1], {"defaults": [0.10, 0.08], "no semantic IDs": [0.02, 0.04]})
+    b = run_file("b.json", [3], {"defaults": [0.06], "no semantic IDs": [0.03]})
+    rep = ablation.main(["--merge", a, b])
+    out = capsys.readouterr().out
+    assert rep["seeds"] == [0, 1, 3] and len(rep["results"]["defaults"]) == 3
+    assert "| defaults | 0.2000 ± 0.0000 |" in out
+    assert ("- cold-start HR@10: with IDs 0.0800 ± 0.0163, without 0.0300 ± 0.0082: 2.67x, bands apart; "
+            "per seed 0.100 vs 0.020 / 0.080 vs 0.040 / 0.060 vs 0.030") in out
+    with pytest.raises(SystemExit) as stop:  # other training settings: never one table
+        ablation.main(["--merge", a, run_file("c.json", [4], {"defaults": [0.1]}, epochs=120)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "different runs" in err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as stop:
+        ablation.main(["--merge", a, str(tmp_path / "bad.json")])
+    assert stop.value.code == 2 and "is no --out file of this bench" in capsys.readouterr().err
+
+
 def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     import ml100k
 
