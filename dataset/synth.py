@@ -90,7 +90,7 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
     reid = np.zeros(N, np.int64)
     reid[warm_idx] = np.arange(1, len(warm_idx) + 1)  # re-ids 1..num_warm, in item order
 
-    # Item sparse features (re-ids from 1): 100 ~ topic (80%), 101 random, 102 ~ topic pair, 112 random.
+    # Item sparse features (re-ids from 1): 100 ~ topic (topic_share), 101 random, 102 ~ topic pair, 112 random.
     f100 = np.where(rng.random(N) < cfg.topic_share, topic, rng.integers(0, T, N)) + 1
     f101 = rng.integers(1, 51, N)
     f102 = np.where(rng.random(N) < 0.7, topic // 2, rng.integers(0, (T + 1) // 2, N)) + 1

@@ -8,8 +8,6 @@ assigned by the same rule, and the codes stay balanced on them too.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 _CHUNK = 32768
