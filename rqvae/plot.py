@@ -37,7 +37,8 @@ def plot_report(report_path: str | os.PathLike, out: str | os.PathLike | None = 
             ax[0].plot(np.arange(1, len(counts) + 1), counts, label=f"level {lv['level'] + 1}: {lv['used']} used, "
                                                                     f"perplexity {lv['perplexity']:.0f}")
     ax[0].set(title="items per code (codes sorted by size)", xlabel="code rank", ylabel="items", yscale="log")
-    ax[0].legend(fontsize=8)
+    if ax[0].get_legend_handles_labels()[0]:  # a report without levels draws nothing to label
+        ax[0].legend(fontsize=8)
     sizes = {int(k): v for k, v in rep.get("group_sizes", {}).items()}
     if sizes:
         s = np.array(sorted(sizes))

@@ -238,6 +238,6 @@ def test_mask_seen_drops_history_items_from_the_negatives_but_never_the_target(w
     losses = {}
     for mask in (False, True):
         model.cfg.mask_seen = mask
-        losses[mask] = [float(model.loss(bb, torch.Generator().manual_seed(0))) for bb in (never, always)]
+        losses[mask] = [float(model.loss(bb, torch.Generator().manual_seed(0)).detach()) for bb in (never, always)]
     assert losses[True][0] < losses[False][0] - 1e-4, losses
     assert np.isfinite(losses[True][1]), losses
