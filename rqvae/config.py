@@ -43,13 +43,17 @@ class RQVAEConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
 
+    def balanced_assignment(self) -> bool:
+        """Whether codes are assigned with balancing biases: rqkmeans with --balanced (the RQ-VAE never)."""
+        return self.balanced and self.method == "rqkmeans"
+
     def kmeans_start(self) -> str:
         """The init every level's k-means uses. "auto" is k-means++ except under balanced assignment (rqkmeans
         --balanced): D^2 sampling puts codes on a heavy tail's outliers, which no bias fills (on a heavy-tailed
         set the least level perplexity ran 2-20 of 32 over seeds with k-means++, 18-19 with a random start)."""
         if self.kmeans_init != "auto":
             return self.kmeans_init
-        return "random" if self.balanced and self.method == "rqkmeans" else "kmeans++"
+        return "random" if self.balanced_assignment() else "kmeans++"
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -48,11 +48,10 @@ def _standardised(model: RQVAE, x: np.ndarray, device: torch.device) -> torch.Te
     model.mean.copy_(torch.from_numpy(mean).float())
     model.scale.fill_(max((sq / max(n * d, 1)) ** 0.5, 1e-8))
     out = torch.empty((n, d), dtype=torch.float32, device=device)
-    mean_t, scale = model.mean.to(device), model.scale.to(device)
     buf = np.empty((min(n, _CHUNK), d), np.float32)
     for lo in range(0, n, _CHUNK):
         part = _rows_f32(x, lo, buf)
-        out[lo:lo + len(part)].copy_(torch.from_numpy(part)).sub_(mean_t).div_(scale)
+        model.standardise(out[lo:lo + len(part)].copy_(torch.from_numpy(part)), inplace=True)
     return out
 
 
@@ -81,16 +80,15 @@ def _fit_on(x: np.ndarray, cfg: RQVAEConfig, device: torch.device, batch: int,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, d = x.shape
-    model = RQVAE(d, cfg)
+    model = RQVAE(d, cfg).to(device)
     x_std = _standardised(model, x, device)
-    model.to(device)
     t["normalise"] = time.perf_counter()
     sample = _sample(n, cfg.kmeans_sample, gen).to(device)
     with torch.no_grad():
         if isinstance(model.encoder, PCA):
             model.encoder.fit(x_std[sample])
         model.quantizer.init_from_data(model.encoder(x_std[sample]), cfg.kmeans_iters, gen, batch, cfg.kmeans_start(),
-                                       cfg.balanced and cfg.method == "rqkmeans")
+                                       cfg.balanced_assignment())
     dp = data_parallel and rdist.world() > 1
     if dp:
         _sync_from_lead(model)
@@ -205,9 +203,7 @@ def encode(model: RQVAE, embeddings: np.ndarray, batch_size: int | None = None,
     buf = np.empty((min(n, bs), x.shape[1]), np.float32)  # one host batch: the batch size only ever shrinks
     while lo < n:
         try:
-            xb = torch.from_numpy(_rows_f32(x, lo, buf[:bs])).to(device)
-            # standardise in place: the same operations as model.standardise, without two more batch-sized tensors
-            xb = xb.sub_(model.mean).div_(model.scale)
+            xb = model.standardise(torch.from_numpy(_rows_f32(x, lo, buf[:bs])).to(device), inplace=True)
             c, last_r = model.quantizer.encode(model.encoder(xb).float())
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()

@@ -80,7 +80,11 @@ class RQVAE(nn.Module):
             latent = cfg.latent_dim
         self.quantizer = ResidualQuantizer(cfg.num_quantizers, cfg.codebook_size, latent)
 
-    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+    def standardise(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """(x - mean) / scale; `inplace` overwrites x (a batch buffer of ours) instead of making two more
+        batch-sized tensors."""
+        if inplace:
+            return x.sub_(self.mean).div_(self.scale)
         return (x - self.mean) / self.scale
 
     def forward(self, x_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
