@@ -92,7 +92,7 @@ def balanced_bias(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = 
     (the median: outliers' gaps are huge and would make the transport too soft to balance)."""
     n, k = x.shape[0], c.shape[0]
     d = _sq_dist(x, c)
-    d -= d.min(1, keepdim=True).values
+    d -= d.amin(1, keepdim=True)  # values only: amin is vectorised, min(1) a scalar loop on CPU (see row_min)
     eps = max(float(d.median()) * temperature, 1e-12)
     g = torch.zeros(k, dtype=x.dtype, device=x.device) if bias is None else bias / eps
     target = n / k
@@ -105,7 +105,7 @@ def balanced_bias(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = 
 
     def kernel(pot: torch.Tensor) -> torch.Tensor:
         z = logits + pot
-        return z.sub_(z.max(1, keepdim=True).values).exp_()
+        return z.sub_(z.amax(1, keepdim=True)).exp_()
 
     kern, v = kernel(g), torch.ones_like(g)
     for _ in range(iters):
