@@ -86,6 +86,14 @@ def metric_cells(runs: list[dict], columns: Iterable[tuple[str, str]] = METRIC_C
                        "/".join("y" if m["filtered"] else "n" for m in runs)])
 
 
+def world_changes(world: dict[str, Any]) -> dict[str, Any]:
+    """The demo-world fields of `world` that differ from SynthConfig's defaults, in the given order."""
+    from dataset.synth import SynthConfig
+
+    default = SynthConfig()
+    return {k: v for k, v in world.items() if v != getattr(default, k)}
+
+
 def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2,
                **world: Any) -> tuple[Path, Path]:
     """The demo world of `seed` (SynthConfig defaults but for `world`'s fields): (train dir, eval dir), made once
@@ -93,8 +101,7 @@ def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float =
     from dataset.synth import SynthConfig, generate
 
     cfg = SynthConfig(seed=seed, test_users=test_users, cold_frac=cold_frac, **world)
-    changed = sorted(k for k, v in world.items() if v != getattr(SynthConfig(), k))
-    w = root / "_".join([f"demo{seed}", *(f"{k}{getattr(cfg, k)}" for k in changed)])
+    w = root / "_".join([f"demo{seed}", *(f"{k}{v}" for k, v in sorted(world_changes(world).items()))])
     if not (w / "eval" / "labels.jsonl").is_file():
         generate(w / "train", cfg, eval_out=w / "eval")
     return w / "train", w / "eval"

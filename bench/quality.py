@@ -27,7 +27,8 @@ from dataset.cli import FlagParser, fraction  # noqa: E402
 from dataset.synth import SynthConfig  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402
-from harness import add_run_args, demo_world, fresh_copy, metric_cells, start, train_and_infer  # noqa: E402
+from harness import (add_run_args, demo_world, fresh_copy, metric_cells, start, train_and_infer,  # noqa: E402
+                     world_changes)
 
 MODELS = {"no semantic ID": False, "with semantic ID": True}
 MODEL_FLAGS = {"without": "no semantic ID", "with": "with semantic ID"}
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"seed {seed} {name:18s} overall score {m['overall']['score']:.4f} cold HR@10 "
                       f"{m['cold_start']['hr@10']:.4f} warm HR@10 {m['warm']['hr@10']:.4f} "
                       f"(filtered: {r['chosen_rule']}, {r['seconds']:.0f} s)", flush=True)
-        changed = [f"{k}={v}" for k, v in world.items() if v != getattr(d, k)]
-        print(f"\n# demo world (SynthConfig defaults{''.join(', ' + c for c in changed)}, {a.test_users} test users, "
+        changed = "".join(f", {k}={v}" for k, v in world_changes(world).items())
+        print(f"\n# demo world (SynthConfig defaults{changed}, {a.test_users} test users, "
               f"{a.cold_frac:.0%} cold items), seeds "
               f"{a.seeds}, {a.epochs} epochs; both models see feature 81 (32-d); the IDs come from features "
               f"{a.sid_features}; tested under the rule validation chose; mean ± std over seeds")
