@@ -3,8 +3,13 @@ summarise seeds as mean ± std."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
+import platform
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +99,32 @@ def world_changes(world: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in world.items() if v != getattr(default, k)}
 
 
+def machine() -> str:
+    """One line: CPU model, cores, torch version and threads, date (for a results file's header)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def write_results(name: str, title: str, body: list[str], command: str | None = None) -> Path:
+    """bench/results/<name>.md ($GENREC_BENCH_RESULTS/<name>.md when set): title, the command, the machine, then
+    `body` (a table and its lines). Replaces the file: git keeps the history."""
+    from dataset.safeio import atomic_open
+
+    command = command or "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    root = Path(os.environ.get("GENREC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}.md"
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join([f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "", *body, ""]))
+    return path
+
+
 def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2,
                **world: Any) -> tuple[Path, Path]:
     """The demo world of `seed` (SynthConfig defaults but for `world`'s fields): (train dir, eval dir), made once
@@ -107,13 +138,16 @@ def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float =
     return w / "train", w / "eval"
 
 
-def ml100k_cold(root: Path, seed: int, cold_frac: float = 0.1, data_root: str | None = None) -> Path:
-    """The MovieLens-100k cold-start split of `seed` (converted once under `root`, or found in `data_root`)."""
+def ml100k_cold(root: Path, seed: int, cold_frac: float = 0.1, data_root: str | None = None,
+                ratings_as_actions: bool = False) -> Path:
+    """The MovieLens-100k cold-start split of `seed` (converted once under `root`, or found in `data_root`);
+    `ratings_as_actions`: stars as actions (genrec-convert-ml100k --ratings-as-actions)."""
+    name = f"{'actions' if ratings_as_actions else 'cold'}{seed}"
     if data_root:
-        return Path(data_root) / f"cold{seed}"
+        return Path(data_root) / name
     from dataset.convert_ml100k import convert
 
-    d = root / f"cold{seed}"
+    d = root / name
     if not (d / "labels.jsonl").is_file():
-        convert(d, cold_frac=cold_frac, seed=seed)
+        convert(d, cold_frac=cold_frac, seed=seed, ratings_as_actions=ratings_as_actions)
     return d

@@ -1,10 +1,12 @@
 """MovieLens-100k (RecBole's packaged atomic files) -> a competition-format directory, with real text embeddings.
 
-    python -m dataset.convert_ml100k --out DIR [--src FOLDER] [--cold-frac 0.1 --seed 0]
+    python -m dataset.convert_ml100k --out DIR [--src FOLDER] [--cold-frac 0.1 --seed 0] [--ratings-as-actions]
 
-Every rating is an interaction (implicit feedback, action 1), ordered by time. Leave-one-out by time: each
-user's last rating is the test target (labels.jsonl), the one before it is the validation click that train.py
-holds out. Items: year (sparse feature 100), genres (array feature 101), and the 384-d all-MiniLM-L6-v2
+Every rating is an interaction, ordered by time. By default each is a click (implicit feedback, action 1), and
+leave-one-out by time makes each user's last rating the test target (labels.jsonl), the one before it the
+validation click that train.py holds out. With --ratings-as-actions the rating is the action, as in an ad log:
+1-3 stars an exposure (0: seen, not chosen), 4 a click (1), 5 a conversion (2); each user's last 4- or 5-star
+rating is the test target (later ratings are dropped), its action in labels.jsonl and user_action_type.json. Items: year (sparse feature 100), genres (array feature 101), and the 384-d all-MiniLM-L6-v2
 embedding of "title (year): genres" as creative_emb feature 81 (emb_81_384/). Users: age bucket (103),
 gender (104), occupation (105). The candidate pool is every item. With --cold-frac, a seeded share of items
 never appears in training (not in the indexer, the item features or any training sequence); they stay in the
@@ -25,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import FlagParser, add_logging_arguments, setup_logging
+from .cli import FlagParser, add_bool, add_logging_arguments, setup_logging
 from .safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
 EMB_FID, EMB_DIM = "81", 384
+RATING_ACTIONS = {1: 0, 2: 0, 3: 0, 4: 1, 5: 2}  # --ratings-as-actions: stars -> exposure / click / conversion
 CID_OFFSET = 1_000_000  # creative id = movie id + this: raw ids never look like item re-ids (as in the competition)
 
 
@@ -65,9 +68,11 @@ def embed(texts: list[str]) -> np.ndarray:
 
 
 def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_frac: float = 0.0, seed: int = 0,
-            embeddings: np.ndarray | None = None, max_users: int | None = None) -> Path:
+            embeddings: np.ndarray | None = None, max_users: int | None = None,
+            ratings_as_actions: bool = False) -> Path:
     """Write the directory; returns it. `embeddings` (one row per item of ml-100k.item, in file order) skips the
-    sentence model; `max_users` keeps the first users only (smoke tests)."""
+    sentence model; `max_users` keeps the first users only (smoke tests); `ratings_as_actions`: stars as actions
+    (RATING_ACTIONS), the target the last click or conversion."""
     src = Path(src) if src else find_recbole_ml100k()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,9 +100,10 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
     cold = set(np.asarray(item_ids)[rng.random(len(item_ids)) < cold_frac].tolist()) if cold_frac > 0 else set()
 
     # --- users and their time-ordered interactions ---
-    by_user: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    by_user: dict[str, list[tuple[float, int, int, int]]] = defaultdict(list)
     for n, r in enumerate(inter):
-        by_user[r["user_id"]].append((float(r["timestamp"]), n, int(r["item_id"]) + CID_OFFSET))
+        action = RATING_ACTIONS.get(int(float(r["rating"])), 0) if ratings_as_actions else 1
+        by_user[r["user_id"]].append((float(r["timestamp"]), n, int(r["item_id"]) + CID_OFFSET, action))
     uids = sorted(by_user, key=int)[:max_users]
     ages = {"1": 1, "18": 2, "25": 3, "35": 4, "45": 5, "50": 6, "56": 7}
     occupations = sorted({u["occupation"] for u in users})
@@ -115,10 +121,11 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
             atomic_open(out / "predict_seq.jsonl", "w", encoding="utf-8") as ft:
         for k, u in enumerate(uids, 1):
             ev = sorted(by_user[u])  # by time, file order breaks ties
-            if len(ev) < 3:
+            cut = max((j for j, e in enumerate(ev) if e[3] >= 1), default=-1)  # the last click or conversion
+            if cut < 2:
                 continue
-            *history, (t_last, _, target) = ev
-            train_recs = [[k, reid[c], None, feats[c], 1, int(t)] for t, _, c in history if c not in cold]
+            history, (t_last, _, target, target_action) = ev[:cut], ev[cut]
+            train_recs = [[k, reid[c], None, feats[c], a, int(t)] for t, _, c, a in history if c not in cold]
             train_recs.append([k, None, profile[u], None, None, int(t_last)])
             line = json.dumps(train_recs, separators=(",", ":")) + "\n"
             seq_offs.append(pos)
@@ -126,18 +133,20 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
             fs.write(line)
             raw = f"user_{u}"
             # items unseen in training appear by raw creative id, as in the competition's predict_seq
-            test_recs = [[raw, c if c in cold else reid[c], None, feats[c], 1, int(t)] for t, _, c in history]
+            test_recs = [[raw, c if c in cold else reid[c], None, feats[c], a, int(t)] for t, _, c, a in history]
             test_recs.append([raw, None, profile[u], None, None, int(t_last)])
             line = json.dumps(test_recs, separators=(",", ":")) + "\n"
             test_offs.append(tpos)
             tpos += len(line.encode())
             ft.write(line)
-            labels.append({"user_id": raw, "creative_id": target, "action_type": 1, "cold": target in cold})
+            labels.append({"user_id": raw, "creative_id": target, "action_type": target_action, "cold": target in cold})
     for name, offs in (("seq_offsets.pkl", seq_offs), ("predict_seq_offsets.pkl", test_offs)):
         with atomic_open(out / name, "wb") as f:
             pickle.dump(offs, f)
     with atomic_open(out / "labels.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in labels)
+    if ratings_as_actions:
+        write_json(out / "user_action_type.json", {x["user_id"]: x["action_type"] for x in labels}, compact=True)
     with atomic_open(out / "predict_set.jsonl", "w", encoding="utf-8") as f:
         for r, c in enumerate(item_ids):
             f.write(json.dumps({"creative_id": c, "retrieval_id": r, "features": feats[c]}) + "\n")
@@ -164,10 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", help="folder with ml-100k.inter/.item/.user (default: RecBole's packaged copy)")
     p.add_argument("--cold-frac", type=float, default=0.0, help="share of items kept out of training")
     p.add_argument("--seed", type=int, default=0)
+    add_bool(p, "ratings_as_actions", False, "stars as actions: 1-3 exposure, 4 click, 5 conversion; the target is "
+                                             "the last click or conversion")
     add_logging_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a)
-    convert(a.out, a.src, a.cold_frac, a.seed)
+    convert(a.out, a.src, a.cold_frac, a.seed, ratings_as_actions=bool(a.ratings_as_actions))
 
 
 if __name__ == "__main__":

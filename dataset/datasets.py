@@ -13,13 +13,28 @@ import torch
 from torch.utils.data import Dataset
 
 from .safeio import DataFormatError, fits_int64
-from .files import load_indexer, load_item_feats, load_predict_set
+from .files import load_action_types, load_indexer, load_item_feats, load_predict_set
 from .mm_emb import load_mm_emb
 from .semantic_ids import CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids
 from .seqfile import SeqFile
 from .store import FeatureSchema, ItemStore, array_value, sparse_value
 
 log = logging.getLogger(__name__)
+
+# A record's action_type: exposure 0, click 1, conversion 2 (final round); anything else (null, 3, -1, "x") is unknown.
+EXPOSURE, CLICK, CONVERSION, UNKNOWN = 0, 1, 2, 3
+ACTION_NAMES = ("exposure", "click", "conversion", "unknown")
+ACTION_TOKENS = len(ACTION_NAMES) + 1  # model inputs carry action + 1, so that 0 is padding
+
+
+def action_of(value: Any) -> int:
+    """A record's action_type as EXPOSURE / CLICK / CONVERSION, or UNKNOWN for any other value."""
+    return value if type(value) is int and EXPOSURE <= value <= CONVERSION else UNKNOWN
+
+
+def is_target(action: int) -> bool:
+    """What the competition scores: a click or a conversion, never an exposure."""
+    return action in (CLICK, CONVERSION)
 
 
 def _warn_on_other_world(data_dir: Path, schema: FeatureSchema, indexer: Mapping, item_feats: Mapping) -> None:
@@ -147,7 +162,7 @@ class _Base(Dataset):
                 inter.append((ts if isinstance(ts, (int, float)) else 0, item, ifeat, action))
         inter.sort(key=lambda t: t[0])
         n_items = self.schema.num_items
-        slots, actions = [], []
+        slots, actions, unknown = [], [], 0
         for _, item, ifeat, action in inter:
             if type(item) is int and 0 < item <= n_items:
                 slot = item
@@ -156,10 +171,15 @@ class _Base(Dataset):
             else:
                 continue
             slots.append(slot)
-            actions.append(action if type(action) is int else 0)
+            actions.append(action_of(action))
+            unknown += actions[-1] == UNKNOWN
         sparse, arr = self._user_features(profile)
         return {"user": self.raw_user_id(records[0][0]) if records else "", "slots": slots, "actions": actions,
-                "user_sparse": sparse, "user_array": arr}
+                "unknown_actions": unknown, "user_sparse": sparse, "user_array": arr}
+
+    def _action_tokens(self, actions: list[int]) -> np.ndarray:
+        """Actions as model inputs (action + 1), left-padded like the items they belong to."""
+        return self._left_pad([a + 1 for a in actions])
 
     def _left_pad(self, xs: list[int]) -> np.ndarray:
         out = np.zeros(self.maxlen, np.int64)
@@ -170,7 +190,9 @@ class _Base(Dataset):
 
 
 class TrainDataset(_Base):
-    """Next-item training samples from `seq.jsonl`; each user's last click is held out for validation.
+    """Next-item training samples from `seq.jsonl`; each user's last click or conversion is held out for
+    validation. Every next item is a sample, with its action (`pos_action`, as a token: action + 1) so that the
+    loss can weigh it; the history carries each item's action too (`seq_action`).
 
     A sequence longer than maxlen + 1 yields a window of maxlen + 1 items ending at a random position each time
     it is read (`random_window`); else only its last maxlen next items would ever be trained on (38% of
@@ -187,7 +209,7 @@ class TrainDataset(_Base):
 
     @staticmethod
     def _holdout(actions: list[int]) -> int | None:
-        clicks = [i for i, a in enumerate(actions) if a >= 1]
+        clicks = [i for i, a in enumerate(actions) if is_target(a)]
         return clicks[-1] if clicks and clicks[-1] > 0 else None
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -199,20 +221,24 @@ class TrainDataset(_Base):
             end = int(torch.randint(self.maxlen + 1, len(slots) + 1, ()))  # torch: seeded per DataLoader worker
             slots, acts = slots[end - self.maxlen - 1:end], acts[end - self.maxlen - 1:end]
         return {"seq": torch.from_numpy(self._left_pad(slots[:-1])), "pos": torch.from_numpy(self._left_pad(slots[1:])),
-                "action": torch.from_numpy(self._left_pad(acts[1:])),
+                "seq_action": torch.from_numpy(self._action_tokens(acts[:-1])),
+                "pos_action": torch.from_numpy(self._action_tokens(acts[1:])),
                 "user_sparse": torch.from_numpy(u["user_sparse"]), "user_array": torch.from_numpy(u["user_array"])}
 
     def validation_samples(self, max_users: int | None = None) -> dict[str, torch.Tensor]:
-        """History before each user's last click and that click as target, for users that have one."""
+        """History before each user's last click or conversion and that item as target (`target_action`: its
+        action), for users that have one."""
         return self.scan(max_users).validation
 
     def scan(self, max_users: int | None = None) -> "TrainStats":
         """One pass over the training lines: validation samples and how often a next item repeats an earlier one."""
-        seqs, targets, us, ua, hists = [], [], [], [], []
-        repeats = total = 0
+        seqs, seq_acts, targets, target_acts, us, ua, hists = [], [], [], [], [], [], []
+        repeats = total = unknown = 0
+        counts = np.zeros(len(ACTION_NAMES), np.int64)
         n = len(self) if max_users is None else min(len(self), max_users)
         for i in range(n):
             u = self._parse(self.seq[i], register_unseen=False)
+            counts += np.bincount(u["actions"], minlength=len(ACTION_NAMES))
             cut = self._holdout(u["actions"])
             train = u["slots"][:cut] if cut is not None else u["slots"]
             seen: set[int] = set()
@@ -223,7 +249,9 @@ class TrainDataset(_Base):
             if cut is None:
                 continue
             seqs.append(self._left_pad(u["slots"][:cut]))
+            seq_acts.append(self._action_tokens(u["actions"][:cut]))
             targets.append(u["slots"][cut])
+            target_acts.append(u["actions"][cut] + 1)
             hists.append(np.unique(np.asarray(u["slots"][:cut], np.int64)))
             us.append(u["user_sparse"])
             ua.append(u["user_array"])
@@ -232,27 +260,38 @@ class TrainDataset(_Base):
         for r, h in enumerate(hists):
             history[r, :len(h)] = h
         s = self.schema
-        val = {"seq": torch.as_tensor(np.stack(seqs)) if seqs else torch.zeros(0, self.maxlen, dtype=torch.long),
+        empty = torch.zeros(0, self.maxlen, dtype=torch.long)
+        val = {"seq": torch.as_tensor(np.stack(seqs)) if seqs else empty,
+               "seq_action": torch.as_tensor(np.stack(seq_acts)) if seq_acts else empty,
                "target": torch.as_tensor(targets, dtype=torch.long),
+               "target_action": torch.as_tensor(target_acts, dtype=torch.long),
                "history": torch.as_tensor(history),
                "user_sparse": torch.as_tensor(np.stack(us)) if us else torch.zeros(0, len(s.user_sparse), dtype=torch.long),
                "user_array": torch.as_tensor(np.stack(ua)) if ua else torch.zeros(0, len(s.user_array), s.array_len, dtype=torch.long)}
-        return TrainStats(val, repeats / total if total else 0.0)
+        actions = dict(zip(ACTION_NAMES, counts.tolist()))
+        if actions["unknown"]:
+            log.warning("%s: %d interactions with an action_type other than 0, 1, 2 (null, or an unknown value): "
+                        "read as unknown (never a target)", self.seq.path, actions["unknown"])
+        return TrainStats(val, repeats / total if total else 0.0, actions)
 
 
 @dataclass
 class TrainStats:
     """What one pass over the training lines yields (TrainDataset.scan)."""
 
-    validation: dict[str, torch.Tensor]  # seq, target, history (every earlier item, 0-padded), user features
+    # seq, seq_action, target, target_action, history (every earlier item, 0-padded), user features
+    validation: dict[str, torch.Tensor]
     repeat_rate: float  # share of the next items trained on that are already earlier in the same sequence
+    actions: dict[str, int]  # interactions by action: exposure, click, conversion, unknown
 
 
 class TestDataset(_Base):
     """Test users of `predict_seq.jsonl` and the candidate pool of `predict_set.jsonl`, parsed once.
 
     Items unseen in training (history items given by raw creative id, cold candidates) get store slots with the
-    features their records carry, so the model embeds them from features and semantic ID.
+    features their records carry, so the model embeds them from features and semantic ID. Each user's target action
+    (`target_actions`, as a token: action + 1) is the one `user_action_type.json` names (the final round's), else
+    a click; `action_info` says what was read.
     """
 
     __test__ = False  # not a pytest class, whatever its name
@@ -261,8 +300,8 @@ class TestDataset(_Base):
         super().__init__(data_dir, **kw)
         seq = SeqFile(self.data_dir / "predict_seq.jsonl", self.data_dir / "predict_seq_offsets.pkl")
         self.users: list[str] = []
-        seqs, us, ua, self.histories = [], [], [], []
-        self.odd_user_ids = 0
+        seqs, seq_acts, us, ua, self.histories = [], [], [], [], []
+        self.odd_user_ids = unknown = 0
         for i in range(len(seq)):
             try:
                 u = self._parse(seq[i], register_unseen=True)
@@ -272,6 +311,8 @@ class TestDataset(_Base):
                 raise DataFormatError(f"{seq.path}: line {i + 1}: {type(e).__name__}: {e}") from None
             self.users.append(u["user"])
             seqs.append(self._left_pad(u["slots"]))
+            seq_acts.append(self._action_tokens(u["actions"]))
+            unknown += u["unknown_actions"]
             self.histories.append(np.unique(np.asarray(u["slots"], np.int64)))
             us.append(u["user_sparse"])
             ua.append(u["user_array"])
@@ -279,8 +320,14 @@ class TestDataset(_Base):
         if self.odd_user_ids:
             log.warning("%s: %d users with an id that is neither a string nor an int: answered under the id's "
                         "JSON text", seq.path, self.odd_user_ids)
+        if unknown:
+            log.warning("%s: %d history interactions with an action_type other than 0, 1, 2: read as unknown",
+                        seq.path, unknown)
         s = self.schema
         self.seqs = np.stack(seqs) if seqs else np.zeros((0, self.maxlen), np.int64)
+        self.seq_actions = np.stack(seq_acts) if seq_acts else np.zeros((0, self.maxlen), np.int64)
+        self.target_actions, self.action_info = self._target_actions()
+        self.action_info["unknown_history_actions"] = unknown
         self.user_sparse = np.stack(us) if us else np.zeros((0, len(s.user_sparse)), np.int64)
         self.user_array = np.stack(ua) if ua else np.zeros((0, len(s.user_array), s.array_len), np.int64)
         pool = load_predict_set(self.data_dir / "predict_set.jsonl")
@@ -291,9 +338,36 @@ class TestDataset(_Base):
             np.int64)
         self._finalize()
 
+    def _target_actions(self) -> tuple[np.ndarray, dict]:
+        """Per user, the target's action token: from user_action_type.json where it names the user with 1 or 2,
+        else a click. A file that cannot be read costs only this (one warning): every user is then a click."""
+        path = self.data_dir / "user_action_type.json"
+        info: dict[str, Any] = {"file": path.is_file()}
+        out = np.full(len(self.users), CLICK + 1, np.int64)
+        try:
+            types = load_action_types(path)
+        except (DataFormatError, OSError) as e:
+            log.warning("%s; every user's target is taken to be a click", e)
+            return out, {**info, "error": str(e)}
+        bad = 0
+        for r, u in enumerate(self.users):
+            if u not in types:
+                continue
+            a = action_of(types[u])
+            if is_target(a):
+                out[r] = a + 1
+            else:
+                bad += 1
+        if bad:
+            log.warning("%s: %d users with an action type other than 1 or 2: taken to be clicks", path, bad)
+        info.update(conversions=int((out == CONVERSION + 1).sum()), clicks=int((out == CLICK + 1).sum()),
+                    invalid=bad)
+        return out, info
+
     def __len__(self) -> int:
         return len(self.users)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"seq": torch.from_numpy(self.seqs[i]), "user_sparse": torch.from_numpy(self.user_sparse[i]),
-                "user_array": torch.from_numpy(self.user_array[i])}
+        return {"seq": torch.from_numpy(self.seqs[i]), "seq_action": torch.from_numpy(self.seq_actions[i]),
+                "target_action": torch.as_tensor(self.target_actions[i]),
+                "user_sparse": torch.from_numpy(self.user_sparse[i]), "user_array": torch.from_numpy(self.user_array[i])}

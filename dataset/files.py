@@ -37,15 +37,19 @@ def load_item_feats(path: str | os.PathLike) -> dict[str, dict]:
     return d
 
 
-def load_action_types(path: str | os.PathLike) -> dict[str, int]:
-    """Optional user_action_type.json: {raw_user_id: 1 (click) | 2 (conversion)}; {} when absent."""
+def load_action_types(path: str | os.PathLike) -> dict[str, Any]:
+    """Optional user_action_type.json: {raw_user_id: 1 (click) | 2 (conversion)}; {} when absent. The values are
+    returned as read: the caller decides what a value other than 1 or 2 means."""
     path = Path(path)
     if not path.is_file():
         return {}
     try:
-        return {str(k): int(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
-    except (ValueError, AttributeError, TypeError) as e:
-        raise DataFormatError(f"{path}: expected {{user_id: int}}: {e}") from e
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise DataFormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: expected {{user_id: 1 | 2}}, got a JSON {type(obj).__name__}")
+    return {str(k): v for k, v in obj.items()}
 
 
 @dataclass

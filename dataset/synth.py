@@ -1,12 +1,19 @@
-"""The demo world: a deterministic train + eval directory in the competition format.
+"""The demo world: a deterministic train + eval directory in the competition format, with an ad log's actions.
 
-Items belong to latent topics; their multimodal embeddings are noisy projections of the topic vectors and
-one sparse feature is a noisy copy of the topic. Users prefer a few topics and move between them in a Markov
-chain, so both the sequence and the item content carry signal; within a topic, an item is picked by its
-popularity, which nothing in its content tells. A share of items ("cold") never appears in training but does
-appear in the candidate pool and as test targets.
+The story. Items belong to latent topics and have a quality and a conversion propensity. The platform shows a
+user items (exposures, action 0): a share of them promoted (popular items whatever the user likes), the rest from
+the topic the user is on, picked by popularity. The user clicks (action 1) according to taste (how much they like
+the item's topic) and the item's quality; a share of clicks converts (action 2 in the final round) according to
+the item's propensity. After a click the platform mostly stays on the clicked item's topic. So what was clicked,
+not what was shown, tells what the user will click next. Content carries quality and propensity, noisily: a direction of the 1024-d
+feature 82 each, and the sparse features 114 (quality tier) and 115 (propensity tier); feature 81 (32-d) and the
+sparse feature 100 carry the topic. So content, and semantic IDs made from it, tell something about an item never
+seen in training ("cold": absent from training, present in the candidate pool and as test targets).
 
-    python -m dataset.synth --out DIR [--users 2000 --test-users 500 --items 2000 --seed 0]
+Test users' targets are their next click or conversion; `final_round` writes conversions as action 2 (else they
+stay clicks, action 1), `user_action_type.json` and labels with action_type 2, as the competition's final round.
+
+    python -m dataset.synth --out DIR [--eval-out DIR2] [--final-round] [--users 2000 --test-users 500 --seed 0]
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import FlagParser, add_logging_arguments, fraction, setup_logging
+from .cli import FlagParser, add_bool, add_logging_arguments, fraction, setup_logging
 from .safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,6 @@ class SynthConfig:
     missing_frac: float = 0.03
     min_len: int = 20
     max_len: int = 100
-    click_prob: float = 0.3
     mm: tuple = ((81, 32), (82, 1024))
     # Noise of each feature's projection: the cheap 32-d feature 81 is noisy, the 1024-d one is not (as in the
     # competition, where 82-86 come from much larger models). Features not listed get 0.3.
@@ -45,7 +51,29 @@ class SynthConfig:
     # Oracle for ceiling runs: feature 112 is the item's popularity decile (1-10) instead of noise, so content then
     # tells what only an item's history can tell otherwise.
     popularity_feature: bool = False
+    # Noise (in standard deviations of quality / propensity) through which features 114 / 115 tell the tiers;
+    # 0 for ceiling runs (the exact tiers, an oracle).
+    tier_noise: float = 1.0
+    final_round: bool = False  # conversions written as action 2, user_action_type.json, labels with action 2
+    promoted_share: float = 0.25  # share of exposures the platform fills with promoted items
+    promoted_frac: float = 0.1  # share of items that are promoted (the most popular ones more often)
+    # For the user's topic the platform shows an item in proportion to popularity x exp(exposure_quality x quality)
+    # (promoted items: by popularity alone). At 0 the platform does not know quality: it drives clicks only, so what
+    # is shown and what is clicked differ most.
+    exposure_quality: float = 0.0
+    popularity_shape: float = 1.2  # Pareto shape of item popularity (smaller: a heavier tail)
+    click_base: float = -4.0  # click logit = click_base + taste_weight * liking of the topic + quality_weight * quality
+    taste_weight: float = 2.5
+    quality_weight: float = 2.5
+    conversion_base: float = -2.0  # conversion logit given a click = conversion_base + propensity_weight * propensity
+    propensity_weight: float = 2.5
+    interest_weight: float = 0.0  # click logit bonus for the topic of the user's last click (their current interest)
+    stick_on_click: float = 0.85  # after a click, the platform shows the clicked item's topic with this probability
+    stick_on_skip: float = 0.8  # after an exposure without a click, the user stays on the topic they were on
     seed: int = 0
+
+
+ACTION_TYPE_FILE = "user_action_type.json"
 
 
 def _fmt_rows(ids: np.ndarray, mat: np.ndarray) -> str:
@@ -53,7 +81,7 @@ def _fmt_rows(ids: np.ndarray, mat: np.ndarray) -> str:
     return "".join('{"anonymous_cid": %d, "emb": [%s]}\n' % (c, row_fmt % tuple(r)) for c, r in zip(ids, mat.tolist()))
 
 
-EVAL_FILES = ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "labels.jsonl")
+EVAL_FILES = ("predict_seq.jsonl", "predict_seq_offsets.pkl", "predict_set.jsonl", "labels.jsonl", ACTION_TYPE_FILE)
 SHARED_FILES = ("indexer.pkl", "item_feat_dict.json", "creative_emb")
 
 
@@ -66,7 +94,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), eval_out: str | 
         ev = Path(eval_out)
         ev.mkdir(parents=True, exist_ok=True)
         for name in EVAL_FILES:
-            shutil.move(str(Path(out) / name), str(ev / name))
+            if (Path(out) / name).exists():  # user_action_type.json: final round only
+                shutil.move(str(Path(out) / name), str(ev / name))
         for name in SHARED_FILES:
             src = Path(out) / name
             if src.is_dir():
@@ -76,6 +105,12 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), eval_out: str | 
     return Path(out)
 
 
+def _tier(x: np.ndarray, noise: float, rng: np.random.Generator, tiers: int = 5) -> np.ndarray:
+    """1..tiers: the quantile tier of x seen through Gaussian noise of std `noise` (0: exact)."""
+    seen = x + noise * rng.normal(size=len(x))
+    return 1 + np.searchsorted(np.quantile(seen, np.linspace(0, 1, tiers + 1)[1:-1]), seen)
+
+
 def _generate(out: Path, cfg: SynthConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -83,36 +118,30 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
     topic_vec = rng.normal(size=(T, cfg.latent_dim))
     topic = rng.integers(0, T, N)
     latent = topic_vec[topic] + 0.5 * rng.normal(size=(N, cfg.latent_dim))
-    pop = rng.pareto(1.2, N) + 1.0
+    pop = rng.pareto(cfg.popularity_shape, N) + 1.0
+    quality = rng.normal(size=N)
+    propensity = rng.normal(size=N)
     creative = (rng.choice(90_000_000, N, replace=False) + 10_000_000).astype(np.int64)
     cold = rng.random(N) < cfg.cold_frac
     warm_idx = np.flatnonzero(~cold)
     reid = np.zeros(N, np.int64)
     reid[warm_idx] = np.arange(1, len(warm_idx) + 1)  # re-ids 1..num_warm, in item order
+    shown = pop * np.exp(cfg.exposure_quality * quality)  # how often the platform shows an item
+    promoted = rng.choice(N, max(1, int(cfg.promoted_frac * N)), replace=False)
+    promoted_cum = np.cumsum(pop[promoted])  # paid reach: by popularity, whatever the quality
+    p_convert = 1 / (1 + np.exp(-(cfg.conversion_base + cfg.propensity_weight * propensity)))
 
-    # Item sparse features (re-ids from 1): 100 ~ topic (topic_share), 101 random, 102 ~ topic pair, 112 random.
+    # Item sparse features (re-ids from 1): 100 ~ topic (topic_share), 101 random, 102 ~ topic pair, 112 random,
+    # 114 ~ quality tier, 115 ~ propensity tier (through noise tier_noise).
     f100 = np.where(rng.random(N) < cfg.topic_share, topic, rng.integers(0, T, N)) + 1
     f101 = rng.integers(1, 51, N)
     f102 = np.where(rng.random(N) < 0.7, topic // 2, rng.integers(0, (T + 1) // 2, N)) + 1
     f112 = rng.integers(1, 11, N)  # drawn either way: the oracle's world differs from the default one in f112 only
     if cfg.popularity_feature:
         f112 = 1 + np.argsort(np.argsort(pop, kind="stable"), kind="stable") * 10 // N
-    item_feats = [{"100": int(a), "101": int(b), "102": int(c), "112": int(d)} for a, b, c, d in zip(f100, f101, f102, f112)]
-
-    # Topic transitions: stay (0.5) or jump to a user-preferred topic.
-    def walk(pref: np.ndarray, length: int) -> tuple[list[int], list[int]]:
-        items, acts = [], []
-        cum = np.cumsum(pref)
-        u = rng.random((length, 4))  # stay?, topic, item, click
-        t = min(int(np.searchsorted(cum, u[0, 1] * cum[-1])), T - 1)
-        for k in range(length):
-            if u[k, 0] > 0.5:
-                t = min(int(np.searchsorted(cum, u[k, 1] * cum[-1])), T - 1)
-            members, mc = by_topic[t], by_topic_cum[t]
-            items.append(int(members[min(int(np.searchsorted(mc, u[k, 2] * mc[-1])), len(members) - 1)]))
-            p_click = cfg.click_prob * (1.6 if pref[t] > 0.3 else 0.6)
-            acts.append(int(u[k, 3] < min(p_click, 0.95)))
-        return items, acts
+    f114, f115 = _tier(quality, cfg.tier_noise, rng), _tier(propensity, cfg.tier_noise, rng)
+    item_feats = [{"100": int(a), "101": int(b), "102": int(c), "112": int(d), "114": int(e), "115": int(g)}
+                  for a, b, c, d, e, g in zip(f100, f101, f102, f112, f114, f115)]
 
     by_topic, by_topic_cum = [], []
     for t in range(T):
@@ -120,7 +149,38 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
         if len(m) == 0:
             m = np.array([rng.integers(0, N)])
         by_topic.append(m)
-        by_topic_cum.append(np.cumsum(pop[m]))
+        by_topic_cum.append(np.cumsum(shown[m]))
+
+    def pick(members: np.ndarray, cum: np.ndarray, u: float) -> int:
+        return int(members[min(int(np.searchsorted(cum, u * cum[-1])), len(members) - 1)])
+
+    def walk(pref: np.ndarray, length: int) -> tuple[list[int], list[int]]:
+        """One user's log: (items shown, actions 0/1/2); at least `length` steps, then on until a click at a
+        position > 0 (every user has a target)."""
+        items, acts = [], []
+        cum = np.cumsum(pref)
+        liking = pref / pref.max()
+        t = min(int(np.searchsorted(cum, rng.random() * cum[-1])), T - 1)
+        interest, k = -1, 0
+        while k < length or not any(acts[1:]):
+            u = rng.random(6)  # promoted?, item, click, convert, stay?, topic
+            if u[0] < cfg.promoted_share:
+                i = pick(promoted, promoted_cum, u[1])
+            else:
+                i = pick(by_topic[t], by_topic_cum[t], u[1])
+            logit = cfg.click_base + cfg.taste_weight * liking[topic[i]] + cfg.quality_weight * quality[i] \
+                + cfg.interest_weight * (topic[i] == interest)
+            clicked = u[2] < 1 / (1 + np.exp(-logit))
+            items.append(i)
+            acts.append(0 if not clicked else 2 if u[3] < p_convert[i] else 1)
+            if clicked:
+                interest = int(topic[i])  # a click tells the user's current interest
+            if clicked and u[4] < cfg.stick_on_click:
+                t = int(topic[i])  # and the platform follows it
+            elif not (clicked or u[4] < cfg.stick_on_skip):
+                t = min(int(np.searchsorted(cum, u[5] * cum[-1])), T - 1)
+            k += 1
+        return items, acts
 
     def prefs() -> np.ndarray:
         p = np.zeros(T)
@@ -137,6 +197,9 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
             f["101"] = f"unseen_{f['101']}"  # a value never seen in training arrives as a string
         return f
 
+    def logged(a: int) -> int:
+        return a if cfg.final_round or a < 2 else 1  # before the final round a conversion is logged as a click
+
     # --- training sequences (warm items only) ---
     seq_path, offs = out / "seq.jsonl", []
     with atomic_open(seq_path, "w", encoding="utf-8") as f:
@@ -150,7 +213,7 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
                 if cold[i]:
                     continue
                 ts += int(rng.integers(1, 600))
-                recs.append([u, int(reid[i]), None, item_feats[i], a, ts])
+                recs.append([u, int(reid[i]), None, item_feats[i], logged(a), ts])
             recs.append([u, None, user_feats(), None, None, ts + 1])
             line = json.dumps(recs, separators=(",", ":")) + "\n"
             offs.append(pos)
@@ -159,35 +222,34 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
     with atomic_open(out / "seq_offsets.pkl", "wb") as f:
         pickle.dump(offs, f)
 
-    # --- test users: history (cold items by raw creative id), then the next click as label ---
+    # --- test users: history (cold items by raw creative id), then the last click or conversion as label ---
     offs, labels, pos = [], [], 0
     with atomic_open(out / "predict_seq.jsonl", "w", encoding="utf-8") as f:
         for u in range(cfg.test_users):
             pref = prefs()
             uid = f"user_{u:08d}"
             items, acts = walk(pref, int(rng.integers(cfg.min_len, cfg.max_len + 1)))
-            clicks = [k for k, a in enumerate(acts) if a]
-            if not clicks or clicks[-1] == 0:
-                items, acts, clicks = items + items[-1:], acts[:-1] + [0, 1], [len(items)]
-            cut = clicks[-1]
-            target = items[cut]
+            cut = max(k for k, a in enumerate(acts) if a)
             ts = 1_700_000_000 + int(rng.integers(0, 10_000_000))
             recs = []
             for i, a in zip(items[:cut], acts[:cut]):
                 ts += int(rng.integers(1, 600))
                 item_id = int(creative[i]) if cold[i] else int(reid[i])
-                recs.append([uid, item_id, None, record_feats(i), a, ts])
+                recs.append([uid, item_id, None, record_feats(i), logged(a), ts])
             recs.append([uid, None, user_feats(), None, None, ts + 1])
             line = json.dumps(recs, separators=(",", ":")) + "\n"
             offs.append(pos)
             pos += len(line.encode())
             f.write(line)
-            labels.append({"user_id": uid, "creative_id": int(creative[target]), "action_type": 1,
+            target = items[cut]
+            labels.append({"user_id": uid, "creative_id": int(creative[target]), "action_type": logged(acts[cut]),
                            "cold": bool(cold[target])})
     with atomic_open(out / "predict_seq_offsets.pkl", "wb") as f:
         pickle.dump(offs, f)
     with atomic_open(out / "labels.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in labels)
+    if cfg.final_round:
+        write_json(out / ACTION_TYPE_FILE, {x["user_id"]: x["action_type"] for x in labels}, compact=True)
 
     # --- candidate pool: every item, warm and cold ---
     with atomic_open(out / "predict_set.jsonl", "w", encoding="utf-8") as f:
@@ -195,11 +257,13 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
             f.write(json.dumps({"creative_id": int(creative[i]), "retrieval_id": r, "features": record_feats(i)}) + "\n")
 
     # --- indexer and item features (warm items only, as in the competition) ---
+    tiers = {v * 7 + 3: v for v in range(1, 6)}
     indexer = {
         "u": {f"train_user_{u:08d}": u for u in range(1, cfg.users + 1)},
         "i": {int(creative[i]): int(reid[i]) for i in warm_idx},
         "f": {"100": {v * 7 + 3: v for v in range(1, T + 1)}, "101": {v * 7 + 3: v for v in range(1, 51)},
               "102": {v * 7 + 3: v for v in range(1, (T + 1) // 2 + 1)}, "112": {v * 7 + 3: v for v in range(1, 11)},
+              "114": dict(tiers), "115": dict(tiers),
               "103": {v: v for v in range(1, 6)}, "104": {v: v for v in range(1, 3)},
               "106": {v: v for v in range(1, 21)}},
     }
@@ -207,11 +271,18 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
         pickle.dump(indexer, f)
     write_json(out / "item_feat_dict.json", {str(int(reid[i])): item_feats[i] for i in warm_idx}, compact=True)
 
-    # --- creative_emb: noisy projections of the latent, a few items missing each feature ---
+    # --- creative_emb: noisy projections of the latent, a few items missing each feature; the 1024-d feature
+    # (any feature wider than the latent space but 81) also carries quality and propensity along two directions ---
     for fid, dim in cfg.mm:
         proj = rng.normal(size=(cfg.latent_dim, dim)) / np.sqrt(cfg.latent_dim)
         noise = dict(cfg.mm_noise).get(fid, 0.3)
-        emb = (latent @ proj + noise * rng.normal(size=(N, dim))).astype(np.float32)
+        emb = latent @ proj + noise * rng.normal(size=(N, dim))
+        if fid != 81 and dim > 2 * cfg.latent_dim:
+            dirs = np.linalg.qr(rng.normal(size=(dim, 2)))[0].T  # two orthonormal directions
+            strength = 2 * np.sqrt(dim / cfg.latent_dim)  # twice a topic direction's spread
+            seen = np.stack([quality, propensity], 1) + 0.3 * rng.normal(size=(N, 2))
+            emb += strength * seen @ dirs
+        emb = emb.astype(np.float32)
         has = rng.random(N) >= cfg.missing_frac
         folder = out / "creative_emb" / f"emb_{fid}_{dim}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -221,8 +292,8 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
                 for lo in range(0, len(chunk), 20_000):
                     sel = chunk[lo:lo + 20_000]
                     f.write(_fmt_rows(creative[sel], emb[sel]))
-    log.info("demo world: %d items (%d cold), %d train users, %d test users -> %s",
-             N, int(cold.sum()), cfg.users, cfg.test_users, out)
+    log.info("demo world%s: %d items (%d cold), %d train users, %d test users -> %s",
+             " (final round)" if cfg.final_round else "", N, int(cold.sum()), cfg.users, cfg.test_users, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,15 +306,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cold-frac", type=float, default=d.cold_frac)
     p.add_argument("--topic-share", type=fraction, default=d.topic_share,
                    help="share of items whose feature 100 is their topic (0-1)")
-    p.add_argument("--popularity-feature", action="store_true", help="feature 112 = popularity decile (an oracle)")
+    p.add_argument("--promoted-share", type=fraction, default=d.promoted_share,
+                   help="share of exposures the platform fills with promoted items (0-1)")
+    add_bool(p, "final_round", d.final_round, "write conversions (action 2), user_action_type.json and labels with "
+                                              "action_type 2, as the competition's final round")
+    add_bool(p, "popularity_feature", d.popularity_feature, "feature 112 = popularity decile (an oracle)")
+    p.add_argument("--tier-noise", type=float, default=d.tier_noise,
+                   help="noise of the quality / propensity tiers in features 114 / 115 (0: exact, an oracle)")
     p.add_argument("--mm", nargs="+", default=[f"{a}:{b}" for a, b in d.mm], help="fid:dim of each creative_emb feature")
     add_logging_arguments(p)
     a = p.parse_args(argv)
     setup_logging(a)
     mm = tuple(tuple(int(x) for x in s.split(":")) for s in a.mm)
-    cfg = SynthConfig(users=a.users, test_users=a.test_users, items=a.items, topics=a.topics, seed=a.seed,
-                      min_len=a.min_len, max_len=a.max_len, cold_frac=a.cold_frac, mm=mm, topic_share=a.topic_share,
-                      popularity_feature=a.popularity_feature)
+    flags = {k: v for k, v in vars(a).items() if v is not None and k in SynthConfig.__dataclass_fields__}
+    cfg = SynthConfig(**{**flags, "mm": mm})
     generate(a.out, cfg, a.eval_out)
 
 

@@ -29,7 +29,7 @@ from dataset.alloc import tune_allocator
 from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
                          run_cli, setup_logging)
 from dataset.safeio import cache_root, is_writable_dir, write_json
-from model.metrics import rank_metrics, ranks_in_topk
+from model.metrics import rank_metrics, ranks_in_topk, target_weights
 from evalu import shard
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
@@ -42,7 +42,7 @@ from rqvae.device import peak_memory_mb, resolve_device
 log = logging.getLogger("evalu.infer")
 
 RESULT_FILE, REPORT_FILE = "result.json", "infer_report.json"
-DEMO_VERSION = "3"  # bump when the demo world or the model format changes: cached demos are rebuilt
+DEMO_VERSION = "4"  # bump when the demo world or the model format changes: cached demos are rebuilt
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _demo_paths(cfg: InferConfig) -> InferConfig:
         shutil.rmtree(root)
     if not (eval_dir / "predict_set.jsonl").is_file() or not (train_dir / "seq.jsonl").is_file():
         log.info("no EVAL_DATA_PATH / EVAL_RESULT_PATH / MODEL_OUTPUT_PATH set: creating the demo world in %s", root)
-        generate(train_dir, SynthConfig(), eval_out=eval_dir)
+        generate(train_dir, SynthConfig(final_round=True), eval_out=eval_dir)
         stamp.write_text(DEMO_VERSION + "\n")
     if not is_checkpoint(model_dir):
         log.info("no demo model yet: training a small one once (cached in %s)", model_dir)
@@ -178,9 +178,9 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
             for lo in range(c_lo, c_hi, shard.CAND_CHUNK)]
     cand = rdist.gather_rows(torch.cat(mine) if mine else torch.zeros(0, width, device=device))
     lo, hi, qb = users[0], users[1], cfg.query_batch_size
-    queries = torch.cat([model.query(torch.as_tensor(ds.seqs[b:min(b + qb, hi)], device=device),
-                                     torch.as_tensor(ds.user_sparse[b:min(b + qb, hi)], device=device),
-                                     torch.as_tensor(ds.user_array[b:min(b + qb, hi)], device=device))
+    queries = torch.cat([model.query(*(torch.as_tensor(a[b:min(b + qb, hi)], device=device)
+                                       for a in (ds.seqs, ds.user_sparse, ds.user_array, ds.seq_actions,
+                                                 ds.target_actions)))
                          for b in range(lo, hi, qb)]) if hi > lo else torch.zeros(0, width, device=device)
     t_embed = time.perf_counter()
     # History items: removed (--filter-seen), or scored with the model's learnt offset for them.
@@ -254,7 +254,7 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     report: dict[str, Any] = {"checkpoint": str(ckpt), "data_dir": str(cfg.data_dir), "result_dir": str(result_dir),
                               "users": len(users),
                               "candidates": int(len(ds.candidate_slots)), "semantic_id": boot_info,
-                              "filter_seen": cfg.filter_seen,
+                              "filter_seen": cfg.filter_seen, "target_actions": ds.action_info,
                               "retrieval": share["retrieval"],
                               "device": str(device), "world_size": d.world}
     if cfg.num_shards > 1:
@@ -316,11 +316,16 @@ def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Pat
 
 
 def evaluate(top10s: list[list[int]], users: list[str], labels_path: str, warm: set) -> dict:
-    """Metrics overall and on cold-start targets (items never seen in training); conversions weigh 2.5."""
+    """Metrics of each user's next click or conversion, overall and on cold-start targets (items never seen in
+    training); a conversion weighs 2.5. Labels of another action (an exposure) are no target and are left out."""
     labels = load_labels(labels_path)
-    have = [i for i, u in enumerate(users) if u in labels]
-    targets = [labels[users[i]][0] for i in have]
-    weights = np.asarray([2.5 if labels[users[i]][1] == 2 else 1.0 for i in have])
+    scored = {u: v for u, v in labels.items() if v[1] in (1, 2)}
+    if len(scored) < len(labels):
+        log.warning("%s: %d labels are neither a click (1) nor a conversion (2): not scored", labels_path,
+                    len(labels) - len(scored))
+    have = [i for i, u in enumerate(users) if u in scored]
+    targets = [scored[users[i]][0] for i in have]
+    weights = target_weights([scored[users[i]][1] for i in have])
     ranks = ranks_in_topk([top10s[i] for i in have], targets)
     cold = np.asarray([t not in warm for t in targets], bool)
     return {"overall": rank_metrics(ranks, weights), "cold_start": rank_metrics(ranks[cold], weights[cold]),

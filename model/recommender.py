@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataset.datasets import ACTION_TOKENS, CLICK
 from dataset.store import FeatureSchema, ItemStore
 
 from .sid_embedding import SemanticIdEmbedding
@@ -53,9 +54,18 @@ class ModelConfig:
     mask_seen: bool = False
     use_item_id: bool = True
     use_semantic_ids: bool = True
+    # Every history token carries its action (exposure, click, conversion, unknown): what the user chose, not only
+    # what they were shown.
+    action_embedding: bool = True
+    # The query is conditioned on the action the next item is to be (FiLM on the sequence output, and a scale of the
+    # item bias): in training the target's own action, at inference the eval dir's user_action_type.json, else click.
+    action_query: bool = True
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
 
     CHOICES = {"sid_embedding": ("prefix", "level")}  # for the CLI
+    HELP = {"action_embedding": "each history token carries its action (exposure, click, conversion, unknown)",
+            "action_query": "condition the query on the action the next item is to be (training: its own; "
+                            "inference: user_action_type.json, else click)"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +79,8 @@ class ModelConfig:
 
 
 # What a checkpoint that does not name these fields was trained with (the first version's model).
-LEGACY = {"sid_embedding": "level", "item_bias": False, "history_bias": False, "logq": False}
+LEGACY = {"sid_embedding": "level", "item_bias": False, "history_bias": False, "logq": False,
+          "action_embedding": False, "action_query": False}
 
 
 def expected_negatives(target: torch.Tensor, n: int, k_random: int, n_items: int, k_inbatch: int) -> torch.Tensor:
@@ -201,6 +212,12 @@ class Recommender(nn.Module):
         self.norm = nn.LayerNorm(h)
         self.drop = SharedDropout(cfg.dropout)
         self.seen_logit = nn.Parameter(torch.zeros(())) if cfg.history_bias else None
+        self.action_emb = nn.Embedding(ACTION_TOKENS, h, padding_idx=0) if cfg.action_embedding else None
+        # Per target action: (scale - 1, shift) of the sequence output, and the item bias's weight - 1. Zero at
+        # start: every action begins as the unconditioned query.
+        self.action_film = nn.Embedding(ACTION_TOKENS, 2 * h + 1) if cfg.action_query else None
+        if self.action_film is not None:
+            nn.init.zeros_(self.action_film.weight)
 
     def history_offset(self) -> float:
         """What to add to the retrieval score (`query` . `item_vectors`) of an item already in the user's
@@ -219,10 +236,15 @@ class Recommender(nn.Module):
         return v if b is None else torch.cat([v, self.cfg.temperature * b[..., None]], -1)
 
     def sequence(self, seq: torch.Tensor, user_sparse: torch.Tensor, user_array: torch.Tensor,
-                 seq_vecs: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised query at every item position [B, L, h] (left-padded `seq` [B, L])."""
+                 seq_vecs: torch.Tensor | None = None, seq_action: torch.Tensor | None = None,
+                 target_action: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised query at every item position [B, L, h] (left-padded `seq` [B, L], its actions `seq_action`
+        as tokens, action + 1), and with `action_query` the item-bias weight [B, L] of each position's target
+        action (`target_action` [B, L] tokens; default: a click)."""
         B, L = seq.shape
         x = self.items(seq)[..., :self.cfg.hidden] if seq_vecs is None else seq_vecs
+        if self.action_emb is not None and seq_action is not None:
+            x = x + self.action_emb(seq_action)
         x = torch.cat([self.user(user_sparse, user_array)[:, None], x], 1)
         x = self.drop(x + self.pos(torch.arange(L + 1, device=seq.device))[None])
         # A query attends to earlier non-padding tokens; the user token (position 0) is always visible.
@@ -231,16 +253,32 @@ class Recommender(nn.Module):
         mask = (causal[None] & keep[:, None, :])[:, None]  # [B, 1, L+1, L+1], True = may attend
         for blk in self.blocks:
             x = blk(x, mask)
-        return F.normalize(self.norm(x)[:, 1:], dim=-1)
+        x = self.norm(x)[:, 1:]
+        if self.action_film is None:
+            return F.normalize(x, dim=-1), None
+        if target_action is None:
+            target_action = torch.full((B, L), CLICK + 1, dtype=torch.long, device=seq.device)
+        film = self.action_film(target_action)
+        h = self.cfg.hidden
+        return F.normalize(x * (1 + film[..., :h]) + film[..., h:2 * h], dim=-1), 1 + film[..., 2 * h]
 
-    def query(self, seq: torch.Tensor, user_sparse: torch.Tensor, user_array: torch.Tensor) -> torch.Tensor:
-        """The query for the next item after each (left-padded) history [B, h] (+1 with `item_bias`)."""
-        q = self.sequence(seq, user_sparse, user_array)[:, -1]
-        return torch.cat([q, torch.ones_like(q[:, :1])], -1) if self.cfg.item_bias else q
+    def query(self, seq: torch.Tensor, user_sparse: torch.Tensor, user_array: torch.Tensor,
+              seq_action: torch.Tensor | None = None, target_action: torch.Tensor | None = None) -> torch.Tensor:
+        """The query for the next item after each (left-padded) history [B, h] (+1 with `item_bias`: the item
+        bias's weight); `target_action` [B]: the action the next item is to be, as a token (default: a click)."""
+        ta = target_action[:, None].expand(-1, seq.shape[1]) if target_action is not None else None
+        q, w = self.sequence(seq, user_sparse, user_array, None, seq_action, ta)
+        q = q[:, -1]
+        if not self.cfg.item_bias:
+            return q
+        return torch.cat([q, w[:, -1:] if w is not None else torch.ones_like(q[:, :1])], -1)
 
-    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+             target_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax of each next item (cosine / temperature) over the whole catalogue when it has at most
-        `num_negatives` items, else over random plus in-batch negatives (InfoNCE), logQ-corrected."""
+        `num_negatives` items, else over random plus in-batch negatives (InfoNCE), logQ-corrected. With
+        `target_weights` (one weight per action token), each next item's term is weighted by its action
+        (`batch["pos_action"]`): the mean over the batch's weights."""
         seq, pos = batch["seq"], batch["pos"]
         dev = seq.device
         valid = pos > 0
@@ -260,16 +298,20 @@ class Recommender(nn.Module):
         raw = self.items(uniq, drop)
         n_seq, n_pos = seq.numel(), len(target)
         seq_vecs = raw[inv[:n_seq], :self.cfg.hidden].view(*seq.shape, -1)
-        q = self.sequence(seq, batch["user_sparse"], batch["user_array"], seq_vecs)[valid]
+        q, bias_w = self.sequence(seq, batch["user_sparse"], batch["user_array"], seq_vecs, batch.get("seq_action"),
+                                  batch.get("pos_action"))
+        q = q[valid]
+        w = target_weights[batch["pos_action"][valid]] if target_weights is not None else None
         vnorm, bias = self._unit_and_bias(raw)
         if bias is None:
             bias = torch.zeros(len(uniq), device=dev)
+        bw = bias_w[valid][:, None] if bias_w is not None else 1.0  # each query's weight of the item bias
         p_idx, n_idx = inv[n_seq:n_seq + n_pos], inv[n_seq + n_pos:]
         mask = self.cfg.mask_seen
         first = _first_seen(inv[:n_seq].view(seq.shape), seq, len(uniq)) \
             if self.seen_logit is not None or mask else None
         if full:  # columns are items 1..n_items
-            logits = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx]
+            logits = q @ vnorm[n_idx].T / self.cfg.temperature + bw * bias[n_idx]
             if first is not None:
                 seen = _seen(first, n_idx, seq.shape[1])[valid]
                 if mask:
@@ -277,9 +319,9 @@ class Recommender(nn.Module):
                     logits = logits.masked_fill(seen, float("-inf"))
                 elif self.seen_logit is not None:
                     logits = logits + self.seen_logit * seen
-            return F.cross_entropy(logits, target - 1)
-        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bias[p_idx, None]
-        neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bias[n_idx][None, :]
+            return _weighted_mean(F.cross_entropy(logits, target - 1, reduction="none"), w)
+        pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bw * bias[p_idx, None]
+        neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bw * bias[n_idx][None, :]
         if first is not None:
             seen = _seen(first, n_idx, seq.shape[1])[valid]
             if mask:
@@ -294,7 +336,15 @@ class Recommender(nn.Module):
             neg_logit = neg_logit - log_e[n_idx][None, :]
         neg_logit = neg_logit.masked_fill(n_idx[None, :] == p_idx[:, None], float("-inf"))  # accidental hits
         logits = torch.cat([pos_logit, neg_logit], 1)
-        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev))
+        return _weighted_mean(F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev),
+                                              reduction="none"), w)
+
+
+def _weighted_mean(losses: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-target losses, weighted (0 when every weight is 0: such a batch teaches nothing)."""
+    if w is None:
+        return losses.mean()
+    return (losses * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def _first_seen(seq_u: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import TrainDataset
+from dataset.datasets import ACTION_NAMES
 from dataset.cli import add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
 from dataset.safeio import is_writable_dir
-from .metrics import rank_metrics, target_ranks
+from .metrics import rank_metrics, target_ranks, target_weights
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
 from rqvae import dist as rdist
@@ -35,6 +36,35 @@ from .sid_embedding import PrefixVocab
 log = logging.getLogger(__name__)
 
 FILTER_RULES = ("auto", "true", "false")
+
+
+def parse_target_weights(text: str) -> dict[int, float]:
+    """--target_weights: "0:0.1,1:1,2:2.5" -> {action: weight} for exposure 0, click 1, conversion 2 (an action
+    left out weighs 1; unknown actions take the exposure's weight). Weights are finite and >= 0, a click's > 0."""
+    out = {0: 1.0, 1: 1.0, 2: 1.0}
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, val = part.partition(":")
+        try:
+            k, v = int(key), float(val)
+        except ValueError:
+            k, v = -1, float("nan")
+        if not sep or k not in out or not (0 <= v < float("inf")):
+            raise ValueError(f"--target_weights {text!r}: want ACTION:WEIGHT pairs like 0:0.1,1:1,2:2.5 (actions 0, 1, 2; "
+                             "weights >= 0)")
+        out[k] = v
+    if out[1] <= 0:
+        raise ValueError(f"--target_weights {text!r}: a click's weight must be > 0 (clicks are what is ranked)")
+    return out
+
+
+def _weights_arg(text: str) -> str:
+    try:
+        parse_target_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 @dataclass
@@ -56,6 +86,12 @@ class TrainConfig:
     # Sequences longer than maxlen + 1 train on a window ending at a random position each epoch (false: always
     # the last window, and the items before it are never a training target).
     random_window: bool = True
+    # The log's actions: false trains the action-blind model (no action inputs, every next item a target of
+    # weight 1), for data without actions and for the ablation.
+    use_actions: bool = True
+    # Weight of each next item in the loss by its action (exposure 0, click 1, conversion 2; unknown takes the
+    # exposure's): the task ranks the next click or conversion, and most of the log is exposures.
+    target_weights: str = "0:0.1,1:1,2:2.5"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -63,6 +99,21 @@ class TrainConfig:
             raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
         if self.filter_seen not in FILTER_RULES:
             raise ValueError(f"filter_seen must be one of {FILTER_RULES}, got {self.filter_seen!r}")
+        parse_target_weights(self.target_weights)
+
+    def model_config(self) -> ModelConfig:
+        """The model to build: `model`, without its action inputs when `use_actions` is off."""
+        if self.use_actions:
+            return self.model
+        return replace(self.model, action_embedding=False, action_query=False)
+
+    def action_weights(self) -> torch.Tensor | None:
+        """The loss weight of each action token (padding 0, exposure, click, conversion, unknown); None (every
+        next item weighs 1) when `use_actions` is off."""
+        if not self.use_actions:
+            return None
+        w = parse_target_weights(self.target_weights)
+        return torch.tensor([0.0, w[0], w[1], w[2], w[0]])
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "TrainConfig":
@@ -78,13 +129,17 @@ class TrainConfig:
             "device": "auto (cuda when available), cpu, cuda",
             "random_window": "long sequences train on a window ending at a random position each epoch",
             "sid_mm_emb_id": "features for new semantic IDs (default: --mm_emb_id)",
-            "sid_method": "how new semantic IDs are made when the data dir has none"}
+            "sid_method": "how new semantic IDs are made when the data dir has none",
+            "use_actions": "use the log's actions (false: the action-blind model, every next item a target of weight 1)",
+            "target_weights": "loss weight of next items by action, ACTION:WEIGHT pairs (0 exposure, 1 click, "
+                              "2 conversion; unknown actions take the exposure's)"}
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
         """train.py's flags: this config's fields and the model's, one flag each (data/output dirs aside)."""
         taken = {"data_dir", "output_dir"}
-        add_dataclass_arguments(p, cls, skip={"model"}, taken=taken, types={"filter_seen": filter_rule})
+        add_dataclass_arguments(p, cls, skip={"model"}, taken=taken,
+                                types={"filter_seen": filter_rule, "target_weights": _weights_arg})
         add_dataclass_arguments(p, ModelConfig, taken=taken)
 
 
@@ -101,9 +156,10 @@ def filter_rule(text: str) -> str:
 @torch.no_grad()
 def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.device, batch: int = 512
              ) -> dict[str, dict]:
-    """Full ranking of each held-out click among all training items (HR@10, NDCG@10, score), under both rules:
-    "unfiltered" (every item, history items with the model's learnt offset) and "filtered" (items of the user's
-    history removed; a target among them is a miss)."""
+    """Full ranking of each held-out click or conversion among all training items (HR@10, NDCG@10, score; a
+    conversion weighs 2.5), the query conditioned on the target's action, under both rules: "unfiltered" (every
+    item, history items with the model's learnt offset) and "filtered" (items of the user's history removed; a
+    target among them is a miss)."""
     model.eval()
     n_items = model.schema.num_items
     items = torch.cat([model.item_vectors(torch.arange(lo, min(lo + 65536, n_items + 1), device=device))
@@ -113,15 +169,17 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
     mine = rdist.my_slice(len(val["target"]))  # under torchrun each rank ranks its share of the users
     for lo in range(mine.start, mine.stop, batch):
         hi = min(lo + batch, mine.stop)
-        q = model.query(*(val[k][lo:hi].to(device) for k in ("seq", "user_sparse", "user_array")))
+        q = model.query(*(val[k][lo:hi].to(device) for k in ("seq", "user_sparse", "user_array", "seq_action",
+                                                             "target_action")))
         r_u, r_f = target_ranks(q @ items.T, val["target"][lo:hi].to(device), val["history"][lo:hi].to(device), offset)
         ranks["unfiltered"].append(r_u.cpu())
         ranks["filtered"].append(r_f.cpu())
     model.train()
+    weights = target_weights(val["target_action"].numpy() - 1)  # tokens -> actions
     out = {}
     for rule, r in ranks.items():
         mine_r = torch.cat(r) if r else torch.zeros(0, dtype=torch.long)
-        out[rule] = rank_metrics(rdist.gather_rows(mine_r).numpy())
+        out[rule] = rank_metrics(rdist.gather_rows(mine_r).numpy(), weights)
     return out
 
 
@@ -170,7 +228,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if not is_writable_dir(out):
         raise PermissionError(f"output dir {out} is not writable")
-    mc = cfg.model
+    mc = cfg.model_config()
     ds = TrainDataset(cfg.data_dir, mm_emb_ids=mc.mm_emb_id, maxlen=mc.maxlen, random_window=cfg.random_window)
     rq, rq_feats = _semantic_ids(ds, cfg, device) if mc.use_semantic_ids else (None, None)
     log.info("training on %d users, %d items, semantic-ID coverage %.1f%%", len(ds), ds.schema.num_items,
@@ -198,6 +256,11 @@ def train(cfg: TrainConfig) -> Path:
     stats = ds.scan()
     val = stats.validation
     log.info("%.1f%% of the next items trained on repeat an item earlier in the sequence", 100 * stats.repeat_rate)
+    log.info("interactions: %s; %s", ", ".join(f"{stats.actions[a]} {a}s" for a in ACTION_NAMES),
+             f"next items weighted by action {cfg.target_weights}" if cfg.use_actions else
+             "action-blind (--use_actions false): every next item a target of weight 1")
+    weights = cfg.action_weights()
+    weights = weights.to(device) if weights is not None else None
     rules = ("unfiltered", "filtered") if cfg.filter_seen == "auto" else \
         (("filtered",) if cfg.filter_seen == "true" else ("unfiltered",))
     best = {r: (-1.0, None, {}) for r in rules}  # rule -> (score, state, metrics)
@@ -209,7 +272,7 @@ def train(cfg: TrainConfig) -> Path:
         tot, steps = 0.0, 0
         for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model.loss(batch, gen)
+            loss = model.loss(batch, gen, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             rdist.average_gradients(model.parameters())
@@ -234,7 +297,7 @@ def train(cfg: TrainConfig) -> Path:
                  "on" if filter_seen else "off", best["filtered"][0], best["unfiltered"][0])
     info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
             "filter_seen": filter_seen, "validation": {r: b[2] for r, b in best.items()},
-            "repeat_rate": stats.repeat_rate, "seconds": round(time.perf_counter() - t0, 2),
+            "repeat_rate": stats.repeat_rate, "actions": stats.actions, "seconds": round(time.perf_counter() - t0, 2),
             "world_size": rdist.world(), "config": {k: v for k, v in asdict(cfg).items() if k != "model"}}
     if rdist.world() > 1:  # data-parallel replicas must have stayed identical: one checksum per rank
         sums = rdist.gather_rows(torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None].cpu())

@@ -11,8 +11,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
-def bench_path(monkeypatch):
+def bench_path(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", sys.path + [str(BENCH)])
+    monkeypatch.setenv("GENREC_BENCH_RESULTS", str(tmp_path / "results"))  # never the repository's results
 
 
 def test_quality_bench_reports_both_models_and_the_targets(bench_path, tmp_path, capsys):
@@ -59,8 +60,10 @@ def test_ablation_merge_concatenates_seeds_and_refuses_other_settings(bench_path
     out = capsys.readouterr().out
     assert rep["seeds"] == [0, 1, 3] and len(rep["results"]["defaults"]) == 3
     assert "| defaults | 0.2000 ± 0.0000 |" in out
-    assert ("- cold-start HR@10: with IDs 0.0800 ± 0.0163, without 0.0300 ± 0.0082: 2.67x, bands apart; "
-            "per seed 0.100 vs 0.020 / 0.080 vs 0.040 / 0.060 vs 0.030") in out
+    assert ("- cold-start HR@10, semantic IDs vs none: 0.0800 ± 0.0163 vs 0.0300 ± 0.0082 = 2.67x (per seed "
+            "0.1000 vs 0.0200 / 0.0800 vs 0.0400 / 0.0600 vs 0.0300)") in out
+    written = (tmp_path / "results" / "ablation-ml100k.md").read_text()  # the merged table is the results file
+    assert "| defaults | 0.2000 ± 0.0000 |" in written and "Machine: " in written and "Command: `" in written
     with pytest.raises(SystemExit) as stop:  # other training settings: never one table
         ablation.main(["--merge", a, run_file("c.json", [4], {"defaults": [0.1]}, epochs=120)])
     err = capsys.readouterr().err

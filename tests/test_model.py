@@ -87,8 +87,8 @@ def test_a_small_catalogue_is_scored_in_full(world):
     b = _batch(ds)
     loss = model.loss(b)
     valid = b["pos"] > 0
-    q = model.sequence(b["seq"], b["user_sparse"], b["user_array"])[valid]
-    q = torch.cat([q, torch.ones_like(q[:, :1])], -1)  # the query's bias component, as model.query has it
+    q, w = model.sequence(b["seq"], b["user_sparse"], b["user_array"], None, b["seq_action"], b["pos_action"])
+    q = torch.cat([q[valid], w[valid][:, None]], -1)  # the query's bias component, as model.query has it
     items = model.item_vectors(torch.arange(1, ds.schema.num_items + 1))
     # retrieval scores / temperature are the training logits (cosine / temperature + item bias)
     full = torch.nn.functional.cross_entropy(q @ items.T / model.cfg.temperature, b["pos"][valid] - 1)
