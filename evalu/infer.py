@@ -145,7 +145,7 @@ def _demo_paths(cfg: InferConfig) -> InferConfig:
         shutil.rmtree(root)
     if not (eval_dir / "predict_set.jsonl").is_file() or not (train_dir / "seq.jsonl").is_file():
         log.info("no EVAL_DATA_PATH / EVAL_RESULT_PATH / MODEL_OUTPUT_PATH set: creating the demo world in %s", root)
-        generate(train_dir, SynthConfig(final_round=True), eval_out=eval_dir)
+        generate(train_dir, replace(SynthConfig(), final_round=True), eval_out=eval_dir)  # the final round's task
         stamp.write_text(DEMO_VERSION + "\n")
     if not is_checkpoint(model_dir):
         log.info("no demo model yet: training a small one once (cached in %s)", model_dir)

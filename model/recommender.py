@@ -213,6 +213,8 @@ class Recommender(nn.Module):
         self.drop = SharedDropout(cfg.dropout)
         self.seen_logit = nn.Parameter(torch.zeros(())) if cfg.history_bias else None
         self.action_emb = nn.Embedding(ACTION_TOKENS, h, padding_idx=0) if cfg.action_embedding else None
+        if self.action_emb is not None:  # zero at start: the item tokens are not drowned by a random N(0, 1) vector
+            nn.init.zeros_(self.action_emb.weight)
         # Per target action: (scale - 1, shift) of the sequence output, and the item bias's weight - 1. Zero at
         # start: every action begins as the unconditioned query.
         self.action_film = nn.Embedding(ACTION_TOKENS, 2 * h + 1) if cfg.action_query else None

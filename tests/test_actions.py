@@ -132,8 +132,9 @@ def test_target_weights_weigh_each_next_item_by_its_action(world):
 
 def test_the_query_follows_the_history_actions_and_the_target_action(world):
     model, ds, b = _tiny(world)
-    with torch.no_grad():
-        model.action_film.weight.normal_()  # as if trained: every action its own conditioning
+    with torch.no_grad():  # as if trained (both start at zero): every action its own token and conditioning
+        model.action_film.weight.normal_()
+        model.action_emb.weight[1:].normal_()
     seq, us, ua, sa = b["seq"], b["user_sparse"], b["user_array"], b["seq_action"]
     click, conv = (torch.full((len(seq),), t) for t in (2, 3))
     q = model.query(seq, us, ua, sa, click)

@@ -192,7 +192,7 @@ def test_item_with_no_features_at_all_still_gets_a_vector(world, checkpoint, tmp
     ds = TestDataset(ev, schema=model.schema, maxlen=model.cfg.maxlen)
     model.items.set_store(ds.store)
     slot = ds.candidate_slots[-1]
-    assert ds.store.sid[slot].tolist() == [0, 0, 0, 0] and ds.store.sparse[slot].tolist() == [0] * 4
+    assert ds.store.sid[slot].tolist() == [0, 0, 0, 0] and ds.store.sparse[slot].tolist() == [0] * len(model.schema.item_sparse)
     with torch.no_grad():
         v = model.item_vectors(torch.tensor([slot]))
     # a unit vector, then (item_bias) the learnt bias: any finite value
