@@ -6,10 +6,13 @@ items. Also times the first (bootstrap) and second inference run of the ID model
 cold-start HR@10 with IDs above without by more than one std, overall score not lower.
 
 Ceiling runs change what item content tells (`--topic-share 1`: feature 100 names every item's topic;
-`--popularity-feature`: feature 112 is the popularity decile), to measure what content could ever give cold items.
+`--tier-noise 0`: features 114 / 115 are the exact quality / propensity tiers; `--popularity-feature`: feature
+112 is the popularity decile), to measure what content could ever give cold items. The world is the final
+round's (exposures, clicks, conversions; the next click or conversion scored, a conversion weighing 2.5). The
+table goes to bench/results/quality.md (a ceiling run: quality-<what changed>.md).
 
     python bench/quality.py [--seeds 0 1 2 --epochs 6 --test-users 2000 --cold-frac 0.2 --threads 1]
-    python bench/quality.py --models without --topic-share 1 [--popularity-feature]
+    python bench/quality.py --models without --topic-share 1 --tier-noise 0 [--popularity-feature]
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser, fraction  # noqa: E402
+from dataset.cli import FlagParser, add_bool, fraction  # noqa: E402
 from dataset.synth import SynthConfig  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402
 from harness import (add_run_args, demo_world, fresh_copy, metric_cells, start, train_and_infer,  # noqa: E402
-                     world_changes)
+                     world_changes, write_results)
 
 MODELS = {"no semantic ID": False, "with semantic ID": True}
 MODEL_FLAGS = {"without": "no semantic ID", "with": "with semantic ID"}
@@ -46,11 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     d = SynthConfig()
     p.add_argument("--topic-share", type=fraction, default=d.topic_share,
                    help="demo world: share of items whose feature 100 is their topic (0-1)")
-    p.add_argument("--popularity-feature", action="store_true",
-                   help="demo world: feature 112 is the item's popularity decile (an oracle for ceiling runs)")
+    p.add_argument("--tier-noise", type=float, default=d.tier_noise,
+                   help="demo world: noise of the quality / propensity tiers (features 114 / 115; 0: exact, an oracle)")
+    add_bool(p, "popularity_feature", False,
+             "demo world: feature 112 is the item's popularity decile (an oracle for ceiling runs)")
     add_run_args(p)
     a = p.parse_args(argv)
-    world = {"topic_share": a.topic_share, "popularity_feature": a.popularity_feature}
+    world = {"topic_share": a.topic_share, "tier_noise": a.tier_noise, "popularity_feature": bool(a.popularity_feature),
+             "final_round": True}
     models = {MODEL_FLAGS[m]: MODELS[MODEL_FLAGS[m]] for m in MODEL_FLAGS if m in a.models}
     work = start(a, "quality")
     res: dict[str, list[dict]] = {name: [] for name in models}
@@ -72,22 +78,24 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"seed {seed} {name:18s} overall score {m['overall']['score']:.4f} cold HR@10 "
                       f"{m['cold_start']['hr@10']:.4f} warm HR@10 {m['warm']['hr@10']:.4f} "
                       f"(filtered: {r['chosen_rule']}, {r['seconds']:.0f} s)", flush=True)
-        changed = "".join(f", {k}={v}" for k, v in world_changes(world).items())
-        print(f"\n# demo world (SynthConfig defaults{changed}, {a.test_users} test users, "
-              f"{a.cold_frac:.0%} cold items), seeds "
-              f"{a.seeds}, {a.epochs} epochs; both models see feature 81 (32-d); the IDs come from features "
-              f"{a.sid_features}; tested under the rule validation chose; mean ± std over seeds")
-        print("| model | overall HR@10 | overall NDCG@10 | overall score | cold HR@10 | cold NDCG@10 | warm HR@10 "
-              "| warm NDCG@10 | filtered | cold users |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        changes = {k: v for k, v in world_changes(world).items() if k != "final_round"}
+        lines = [f"Demo world, final round (SynthConfig defaults{''.join(f', {k}={v}' for k, v in changes.items())}, "
+                 f"{a.test_users} test users, {a.cold_frac:.0%} cold items), seeds {a.seeds}, {a.epochs} epochs; both "
+                 f"models see feature 81 (32-d); the IDs come from features {a.sid_features}; tested under the rule "
+                 "validation chose; the next click or conversion (a conversion weighs 2.5); mean ± std over seeds", "",
+                 "| model | overall HR@10 | overall NDCG@10 | overall score | cold HR@10 | cold NDCG@10 | warm HR@10 "
+                 "| warm NDCG@10 | filtered | cold users |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, ms in res.items():
-            print(f"| {name} | {metric_cells(ms)} | {int(np.mean([m['cold_start']['users'] for m in ms]))} |")
-        print("\n| run | semantic-ID stage seconds (first run) | status | second run seconds | status |")
-        print("|---|---|---|---|---|")
-        for seed, (s1, st1, s2, st2) in zip(a.seeds, boot):
-            print(f"| seed {seed} | {s1:.3f} | {st1} | {s2:.3f} | {st2} |")
+            lines.append(f"| {name} | {metric_cells(ms)} | {int(np.mean([m['cold_start']['users'] for m in ms]))} |")
+        if boot:
+            lines += ["", "| run | semantic-ID stage seconds (first run) | status | second run seconds | status |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| seed {seed} | {s1:.3f} | {st1} | {s2:.3f} | {st2} |" for seed, (s1, st1, s2, st2) in zip(a.seeds, boot)]
         checks = _checks(res)
-        print("\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+        lines += ["", "Targets:", *(f"- {c}" for c in checks)]
+        print("\n" + "\n".join(lines))
+        name = "quality" + "".join(f"-{k}{v}" for k, v in sorted(changes.items()))
+        print(f"wrote {write_results(name, 'Semantic IDs on the demo world', lines)}")
         report = {"results": res, "bootstrap": boot, "checks": checks}
         if a.out:
             Path(a.out).write_text(json.dumps(report, indent=1))

@@ -370,6 +370,11 @@ def _main(args: argparse.Namespace) -> int:
     ranks = f" on {report['world_size']} ranks" if report.get("world_size", 1) > 1 else ""
     print(f"{len(users)} users x {report['candidates']} candidates in {report['seconds']['total']:.1f} s{ranks}; "
           f"semantic IDs: {sid.get('status', '?')}; history filtering {'on' if report['filter_seen'] else 'off'}")
+    ta = report.get("target_actions", {})
+    if "error" in ta:
+        print("user_action_type.json not used (unreadable): every target taken as a click")
+    elif ta.get("file"):
+        print(f"queries conditioned on user_action_type.json: {ta['conversions']} conversions, {ta['clicks']} clicks")
     for mname, m in report.get("metrics", {}).items():
         print(f"  {mname:10s} HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  score {m['score']:.4f}  ({m['users']} users)")
     print(f"results: {result_dir / name}\nreport:  {result_dir / rep_name}")

@@ -40,7 +40,7 @@ def test_quality_bench_runs_one_model_on_a_ceiling_world(bench_path, tmp_path, c
     assert rep["checks"] == ["none checked: the targets compare both models (--models without with)"]
     assert "topic_share=1.0, popularity_feature=True" in out
     (world,) = (tmp_path / "worlds").iterdir()  # the ceiling world has a directory of its own
-    assert world.name == "demo0_popularity_featureTrue_topic_share1.0"
+    assert world.name == "demo0_final_roundTrue_popularity_featureTrue_topic_share1.0"
 
 
 def test_ablation_merge_concatenates_seeds_and_refuses_other_settings(bench_path, tmp_path, capsys):
