@@ -233,7 +233,7 @@ class TrainDataset(_Base):
     def scan(self, max_users: int | None = None) -> "TrainStats":
         """One pass over the training lines: validation samples and how often a next item repeats an earlier one."""
         seqs, seq_acts, targets, target_acts, us, ua, hists = [], [], [], [], [], [], []
-        repeats = total = unknown = 0
+        repeats = total = 0
         counts = np.zeros(len(ACTION_NAMES), np.int64)
         n = len(self) if max_users is None else min(len(self), max_users)
         for i in range(n):
