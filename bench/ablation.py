@@ -32,10 +32,11 @@ from harness import (add_run_args, demo_world, fresh_copy, mean_std, metric_cell
                      train_and_infer, write_results)
 
 UNIFORM = "0:1,1:1,2:1"  # every next item a target of weight 1
+BLIND = "action-blind (--use_actions false)"
 # name -> (ModelConfig overrides, TrainConfig overrides)
 VARIANTS = {
     "defaults": ({}, {}),
-    "action-blind (--use_actions false)": ({}, {"use_actions": False}),
+    BLIND: ({}, {"use_actions": False}),
     "history actions only": ({"action_query": False}, {"target_weights": UNIFORM}),
     "target weights only": ({"action_embedding": False, "action_query": False}, {}),
     "target-action query only": ({"action_embedding": False}, {"target_weights": UNIFORM}),
@@ -52,9 +53,8 @@ VARIANTS = {
     "first version": ({"num_negatives": 512, "logq": False, "sid_embedding": "level", "item_bias": False,
                        "history_bias": False}, {"sid_method": "rqvae", "filter_seen": "false", "random_window": False}),
 }
-PRESETS = {"actions": ["defaults", "action-blind (--use_actions false)", "history actions only", "target weights only",
-                       "target-action query only", "no semantic IDs"]}
-BLIND = "action-blind (--use_actions false)"
+PRESETS = {"actions": ["defaults", BLIND, "history actions only", "target weights only", "target-action query only",
+                       "no semantic IDs"]}
 WORLDS = {"demo": {"epochs": 6, "sid_mm_emb_id": ["81", "82"]},  # the IDs see the 1024-d feature the model does not
           "ml100k-actions": {"epochs": 60, "batch_size": 64, "lr": 2e-3},
           "ml100k": {"epochs": 60, "batch_size": 64, "lr": 2e-3}}

@@ -151,7 +151,10 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
         by_topic.append(m)
         by_topic_cum.append(np.cumsum(shown[m]))
 
+    all_topics = np.arange(T)
+
     def pick(members: np.ndarray, cum: np.ndarray, u: float) -> int:
+        """The member whose share of the cumulative weights `cum` holds the uniform draw `u`."""
         return int(members[min(int(np.searchsorted(cum, u * cum[-1])), len(members) - 1)])
 
     def walk(pref: np.ndarray, length: int) -> tuple[list[int], list[int]]:
@@ -160,7 +163,7 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
         items, acts = [], []
         cum = np.cumsum(pref)
         liking = pref / pref.max()
-        t = min(int(np.searchsorted(cum, rng.random() * cum[-1])), T - 1)
+        t = pick(all_topics, cum, rng.random())
         interest, k = -1, 0
         while k < length or not any(acts[1:]):
             u = rng.random(6)  # promoted?, item, click, convert, stay?, topic
@@ -178,7 +181,7 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
             if clicked and u[4] < cfg.stick_on_click:
                 t = int(topic[i])  # and the platform follows it
             elif not (clicked or u[4] < cfg.stick_on_skip):
-                t = min(int(np.searchsorted(cum, u[5] * cum[-1])), T - 1)
+                t = pick(all_topics, cum, u[5])
             k += 1
         return items, acts
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dataset import TestDataset, load_labels
+from dataset.datasets import is_target
 from dataset.alloc import tune_allocator
 from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
                          run_cli, setup_logging)
@@ -319,7 +320,7 @@ def evaluate(top10s: list[list[int]], users: list[str], labels_path: str, warm: 
     """Metrics of each user's next click or conversion, overall and on cold-start targets (items never seen in
     training); a conversion weighs 2.5. Labels of another action (an exposure) are no target and are left out."""
     labels = load_labels(labels_path)
-    scored = {u: v for u, v in labels.items() if v[1] in (1, 2)}
+    scored = {u: v for u, v in labels.items() if is_target(v[1])}
     if len(scored) < len(labels):
         log.warning("%s: %d labels are neither a click (1) nor a conversion (2): not scored", labels_path,
                     len(labels) - len(scored))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dataset.datasets import CONVERSION
+
 
 CONVERSION_WEIGHT = 2.5  # the competition's final round counts a conversion target 2.5 times a click
 
 
 def target_weights(actions: np.ndarray) -> np.ndarray:
     """Each user's weight in the metrics from the target's action (1 click, 2 conversion): 1 or 2.5."""
-    return np.where(np.asarray(actions) == 2, CONVERSION_WEIGHT, 1.0)
+    return np.where(np.asarray(actions) == CONVERSION, CONVERSION_WEIGHT, 1.0)
 
 
 def rank_metrics(ranks: np.ndarray, weights: np.ndarray | None = None, k: int = 10) -> dict[str, float]:
