@@ -13,11 +13,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train_rqvae.py` from anywhere: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dataset.alloc import tune_allocator
-from dataset.cli import CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments, run_cli, setup_logging
+from genrec.core.alloc import tune_allocator
+from genrec.core.cli import CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments, run_cli, setup_logging
 from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
-from rqvae import dist as rdist
-from rqvae.device import resolve_device
+from genrec.core import dist as rdist
+from genrec.core.device import resolve_device
 
 log = logging.getLogger("train_rqvae")
 

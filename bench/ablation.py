@@ -26,7 +26,7 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from harness import (add_run_args, demo_world, fresh_copy, mean_std, metric_cells, ml100k_cold, start,  # noqa: E402
                      train_and_infer, write_results)

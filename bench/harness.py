@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from evalu.infer import InferConfig, run
-from model.recommender import ModelConfig
-from model.trainer import TrainConfig, train
+from genrec.recommender.recommender import ModelConfig
+from genrec.recommender.trainer import TrainConfig, train
 
 # Files a run writes into a data dir; a fresh copy leaves them out so every seed makes its own.
 GENERATED = (".genrec_cache", "semantic_id_dict.json", "semantic_id_report.json", "rqvae_model.pt",
@@ -114,7 +114,7 @@ def machine() -> str:
 def write_results(name: str, title: str, body: list[str], command: str | None = None) -> Path:
     """bench/results/<name>.md ($GENREC_BENCH_RESULTS/<name>.md when set): title, the command, the machine, then
     `body` (a table and its lines). Replaces the file: git keeps the history."""
-    from dataset.safeio import atomic_open
+    from genrec.core.safeio import atomic_open
 
     command = command or "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     root = Path(os.environ.get("GENREC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")

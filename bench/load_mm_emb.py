@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 
 
 def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> None:
@@ -43,7 +43,7 @@ def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> No
 
 # Our stages load as the entry points do (infer, train.py, train_rqvae.py): after setting the allocator
 # (GENREC_NO_MALLOC_TUNING=1 in a stage's environment keeps glibc's defaults).
-OURS = "from dataset.mm_emb import load_feature\nfrom dataset.alloc import tune_allocator\ntune_allocator()"
+OURS = "from dataset.mm_emb import load_feature\nfrom genrec.core.alloc import tune_allocator\ntune_allocator()"
 
 # (imports, work): peak memory is counted from after the imports, so torch's own footprint is not charged.
 STAGES = {

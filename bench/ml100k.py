@@ -36,7 +36,7 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from dataset.convert_ml100k import EMB_FID, _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
 from harness import fresh_copy, mean_std, train_and_infer  # noqa: E402

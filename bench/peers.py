@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 from dataset import load_labels  # noqa: E402
 from dataset.seqfile import SeqFile  # noqa: E402
-from model.metrics import rank_metrics, target_ranks  # noqa: E402
+from genrec.recommender.metrics import rank_metrics, target_ranks  # noqa: E402
 
 # Each peer: RecBole model class name and the overrides of its packaged defaults (none but dropout).
 PEERS = {

@@ -26,7 +26,7 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser, add_bool, fraction  # noqa: E402
+from genrec.core.cli import FlagParser, add_bool, fraction  # noqa: E402
 from dataset.synth import SynthConfig  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from evalu.infer import InferConfig, run  # noqa: E402

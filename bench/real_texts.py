@@ -43,7 +43,7 @@ def embed_texts(texts: list[str], batch_size: int = 128) -> np.ndarray:
 
 
 def real_embeddings(limit: int = 20000, cache: Path | None = None) -> np.ndarray:
-    from dataset.safeio import atomic_open, cache_root
+    from genrec.core.safeio import atomic_open, cache_root
 
     cache = cache or cache_root() / "bench" / f"stdlib_docstrings_minilm_{limit}.npy"
     if cache.is_file():

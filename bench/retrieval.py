@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 from evalu.retrieval import cpu_has_bf16, topk_inner_product, topk_shortlist  # noqa: E402
 
 

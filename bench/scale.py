@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dataset.alloc import tune_allocator  # noqa: E402
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.alloc import tune_allocator  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 
 
 class FakeStore:
@@ -50,8 +50,8 @@ class FakeStore:
 def _model(work: Path):
     """A model trained once (1 epoch) on a small demo world, cached in `work`."""
     from dataset.synth import SynthConfig, generate
-    from model.checkpoint import is_checkpoint, load_checkpoint
-    from model.trainer import TrainConfig, train
+    from genrec.recommender.checkpoint import is_checkpoint, load_checkpoint
+    from genrec.recommender.trainer import TrainConfig, train
 
     ck = work / "ck"
     if not is_checkpoint(ck):
@@ -63,7 +63,7 @@ def _model(work: Path):
 def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: int, out: dict) -> None:
     """One process of a configuration: the embedding and retrieval stages exactly as evalu/infer.py runs them."""
     import evalu.shard as shard
-    from rqvae import dist as rdist
+    from genrec.core import dist as rdist
     from evalu.retrieval import topk_scored
 
     tune_allocator()  # a spawned process: as infer's run does
@@ -110,7 +110,7 @@ def _io_stages(work: Path, n: int, n_users: int, dim: int) -> dict:
     import json
 
     from dataset.mm_emb import CACHE_VERSION, _source_signature, load_feature
-    from dataset.safeio import write_json
+    from genrec.core.safeio import write_json
     from rqvae import RQVAEConfig, encode, fit
 
     rng = np.random.default_rng(2)

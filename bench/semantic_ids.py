@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser  # noqa: E402
 from rqvae import RQVAEConfig, encode, fit  # noqa: E402
 from rqvae.dedup import dedup_codes  # noqa: E402
 from rqvae.stats import collision_stats, level_stats  # noqa: E402

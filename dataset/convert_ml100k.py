@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import FlagParser, add_bool, add_logging_arguments, setup_logging
-from .safeio import atomic_open, write_json
+from genrec.core.cli import FlagParser, add_bool, add_logging_arguments, setup_logging
+from genrec.core.safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 

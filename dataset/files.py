@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .safeio import DataFormatError, fits_int64, load_pickle
+from genrec.core.safeio import DataFormatError, fits_int64, load_pickle
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .cli import env_bool, progress_disabled
-from .safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, fits_int64,
+from genrec.core.cli import env_bool, progress_disabled
+from genrec.core.safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, fits_int64,
                      is_writable_dir, load_pickle, write_json)
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .safeio import DataFormatError, fits_int64, write_json
+from genrec.core.safeio import DataFormatError, fits_int64, write_json
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .safeio import DataFormatError, load_pickle
+from genrec.core.safeio import DataFormatError, load_pickle
 
 log = logging.getLogger(__name__)
 

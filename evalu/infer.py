@@ -26,19 +26,19 @@ import torch
 
 from dataset import TestDataset, load_labels
 from dataset.datasets import is_target
-from dataset.alloc import tune_allocator
-from dataset.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
+from genrec.core.alloc import tune_allocator
+from genrec.core.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
                          run_cli, setup_logging)
-from dataset.safeio import cache_root, is_writable_dir, write_json
-from model.metrics import rank_metrics, ranks_in_topk, target_weights
+from genrec.core.safeio import cache_root, is_writable_dir, write_json
+from genrec.recommender.metrics import rank_metrics, ranks_in_topk, target_weights
 from evalu import shard
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
-from model.checkpoint import is_checkpoint, load_checkpoint
-from model.recommender import Recommender
+from genrec.recommender.checkpoint import is_checkpoint, load_checkpoint
+from genrec.recommender.recommender import Recommender
 from rqvae import RQVAEConfig
-from rqvae import dist as rdist
-from rqvae.device import peak_memory_mb, resolve_device
+from genrec.core import dist as rdist
+from genrec.core.device import peak_memory_mb, resolve_device
 
 log = logging.getLogger("evalu.infer")
 
@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _demo_paths(cfg: InferConfig) -> InferConfig:
     """Fill in the demo world's paths, creating the world and training its model on the first run."""
     from dataset.synth import SynthConfig, generate
-    from model.trainer import TrainConfig, train
+    from genrec.recommender.trainer import TrainConfig, train
 
     root = cache_root() / "demo"
     train_dir, eval_dir, model_dir = root / "train", root / "eval", root / "model"

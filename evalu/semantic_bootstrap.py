@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from dataset import TestDataset, load_mm_emb
-from dataset.safeio import is_writable_dir
+from genrec.core.safeio import is_writable_dir
 from dataset.semantic_ids import read_origin
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
-from dataset.safeio import DataFormatError, write_json
-from rqvae import dist as rdist
+from genrec.core.safeio import DataFormatError, write_json
+from genrec.core import dist as rdist
 
 CAND_CHUNK = 65536  # candidates embedded per call, in one process or many
 TOPK_USER_CHUNK = 256  # at most this many users per score block inside retrieval
@@ -42,7 +42,7 @@ class Dist:
 
 
 def init(device: torch.device) -> Dist:
-    """Join the torchrun job this process belongs to (WORLD_SIZE > 1), or none (see rqvae.dist)."""
+    """Join the torchrun job this process belongs to (WORLD_SIZE > 1), or none (see genrec.core.dist)."""
     device = rdist.init_from_env(device)
     return Dist(rank=rdist.rank(), world=rdist.world(), device=device)
 
@@ -61,23 +61,11 @@ def topk_user_chunk(query_batch_size: int) -> int:
 
 
 def gather_objects(d: Dist, obj: Any) -> list[Any]:
-    if not d.active:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
+    return rdist.gather_objects(obj) if d.active else [obj]
 
 
 def broadcast_object(d: Dist, obj: Any) -> Any:
-    if not d.active:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return rdist.broadcast_object(obj) if d.active else obj
 
 
 @contextmanager
@@ -166,7 +154,7 @@ def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -
 
 def main(argv: list[str] | None = None) -> int:
     """genrec-merge: `python -m evalu.shard --result_dir R` merges R/result.shard-*-of-*.json into R/result.json."""
-    from dataset.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
+    from genrec.core.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
 
     p = FlagParser(description=main.__doc__)
     p.add_argument("--result_dir", default=os.environ.get("EVAL_RESULT_PATH"),

@@ -1,5 +1,5 @@
 """RQ-VAE configuration: defaults are the documented ones; CLI flags map onto the fields one to one (through
-dataset.cli.add_dataclass_arguments in the CLIs: this module stays free of argparse plumbing)."""
+genrec.core.cli.add_dataclass_arguments in the CLIs: this module stays free of argparse plumbing)."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,6 @@ class RQVAEConfig:
         src = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, Mapping) else vars(args))
         return cls.from_dict({k: v for k, v in src.items() if v is not None})
 
-    # For the CLIs (dataset.cli.add_dataclass_arguments): allowed values and the other accepted flag names.
+    # For the CLIs (genrec.core.cli.add_dataclass_arguments): allowed values and the other accepted flag names.
     CHOICES = {"method": METHODS, "kmeans_init": KMEANS_INITS}
     ALIASES = {"num_epochs": ("epochs",)}  # train.py says --epochs

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import RQVAEConfig
-from . import dist as rdist
-from .device import peak_memory_mb, resolve_device
+from genrec.core import dist as rdist
+from genrec.core.device import peak_memory_mb, resolve_device
 from .model import PCA, RQVAE
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataset.safeio import atomic_open, write_json
+from genrec.core.safeio import atomic_open, write_json
 
 from .config import RQVAEConfig
 from .quantizer import ResidualQuantizer

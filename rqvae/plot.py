@@ -25,7 +25,7 @@ def plot_report(report_path: str | os.PathLike, out: str | os.PathLike | None = 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    from dataset.safeio import atomic_open
+    from genrec.core.safeio import atomic_open
 
     report_path = Path(report_path)
     rep = json.loads(report_path.read_text())

@@ -119,7 +119,7 @@ class ResidualQuantizer(nn.Module):
         cnt = torch.bincount(flat, minlength=L * K).to(res.dtype)
         tot = res.new_zeros((L * K, D)).index_add_(0, flat, res.reshape(-1, D))  # with alpha: 4x slower on CPU
         if self.sync:
-            from .dist import all_reduce_sum_
+            from genrec.core.dist import all_reduce_sum_
 
             cnt, tot = all_reduce_sum_(cnt), all_reduce_sum_(tot)
         d = self.decay

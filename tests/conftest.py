@@ -40,8 +40,8 @@ def world(world_src, tmp_path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def checkpoint(world_src, tmp_path_factory) -> Path:
     """A model trained for one epoch on the tiny world, with a bundled RQ-VAE."""
-    from model.recommender import ModelConfig
-    from model.trainer import TrainConfig, train
+    from genrec.recommender.recommender import ModelConfig
+    from genrec.recommender.trainer import TrainConfig, train
 
     src = tmp_path_factory.mktemp("trainsrc")
     shutil.copytree(world_src[0], src / "train")

@@ -16,9 +16,9 @@ import torch
 from dataset import TestDataset, TrainDataset, load_pickle
 from dataset.synth import SynthConfig, generate
 from evalu.infer import InferConfig, run
-from model.metrics import rank_metrics, target_weights
-from model.recommender import ModelConfig, Recommender
-from model.trainer import TrainConfig, parse_target_weights, train
+from genrec.recommender.metrics import rank_metrics, target_weights
+from genrec.recommender.recommender import ModelConfig, Recommender
+from genrec.recommender.trainer import TrainConfig, parse_target_weights, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(users=400, test_users=60, items=300, topics=6, min_len=20, max_len=40, mm=((81, 8), (82, 64)), seed=5)
@@ -220,7 +220,7 @@ def test_inference_reads_user_action_type_and_a_bad_file_costs_only_the_conditio
 
 
 def load_ck_schema(ck: Path):
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     return load_checkpoint(ck)[0].schema
 

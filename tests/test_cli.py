@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.cli import CliError, FlagParser, add_bool, env_bool, parse_bool
+from genrec.core.cli import CliError, FlagParser, add_bool, env_bool, parse_bool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,8 @@ def test_env_flag_unset_or_empty_takes_the_default(monkeypatch):
 
 def test_train_cli_defaults_are_todays_model(tmp_path):
     """No model flag given -> ModelConfig() as documented (the first version's fields only describe old checkpoints)."""
-    from model.recommender import ModelConfig
-    from model.trainer import TrainConfig
+    from genrec.recommender.recommender import ModelConfig
+    from genrec.recommender.trainer import TrainConfig
 
     p = FlagParser()
     TrainConfig.add_arguments(p)
@@ -202,7 +202,7 @@ def test_an_unwritable_results_dir_fails_before_the_work(world, checkpoint, tmp_
 
 
 def test_a_wrong_flag_value_is_one_line_and_exit_2(capsys):
-    from dataset.cli import FlagParser
+    from genrec.core.cli import FlagParser
 
     p = FlagParser(prog="genrec-x")
     p.add_argument("--score_dtype", choices=("float32", "bfloat16"), default="float32")
@@ -220,7 +220,7 @@ def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):
     import ctypes
     import platform
 
-    import dataset.alloc as alloc
+    import genrec.core.alloc as alloc
 
     calls = []
 

@@ -526,7 +526,7 @@ def test_the_validation_click_is_never_a_training_target(world):
 def test_rank_metrics_against_hand_computed_values():
     import math
 
-    from model.metrics import rank_metrics
+    from genrec.recommender.metrics import rank_metrics
 
     m = rank_metrics(np.array([1, 2, 3, 10, 11, np.inf]))
     hr = 4 / 6

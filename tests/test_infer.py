@@ -85,7 +85,7 @@ def test_no_creative_emb_degrades_and_exits_zero(world, checkpoint, tmp_path, mo
     monkeypatch.setenv("EVAL_RESULT_PATH", str(tmp_path / "res"))
     with caplog.at_level("WARNING"):
         assert main([]) == 0
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     trained = load_checkpoint(checkpoint)[3]
     assert f"serving the checkpoint's IDs for the {len(trained)} items it was trained with" in caplog.text
@@ -186,7 +186,7 @@ def test_item_with_no_features_at_all_still_gets_a_vector(world, checkpoint, tmp
     lines.append(json.dumps({"creative_id": 987654321, "retrieval_id": len(lines), "features": {}}))
     (ev / "predict_set.jsonl").write_text("\n".join(lines) + "\n")
     from dataset import TestDataset
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     model, *_ = load_checkpoint(checkpoint)
     ds = TestDataset(ev, schema=model.schema, maxlen=model.cfg.maxlen)
@@ -380,7 +380,7 @@ def test_demo_world_is_created_trained_once_and_reused(monkeypatch, caplog):
         assert main([]) == 0
     assert "creating the demo world" not in caplog.text and "training a small one" not in caplog.text
     assert "loaded semantic_id for" in caplog.text
-    from dataset.safeio import cache_root
+    from genrec.core.safeio import cache_root
     res = json.loads((cache_root() / "demo" / "results" / "result.json").read_text())
     assert len(res["user"]) == TINY.test_users and "time" in res
 
@@ -423,8 +423,8 @@ def checkpoint_b(world_src, tmp_path_factory) -> Path:
     """A second model on the same world with another seed: its RQ-VAE, hence its IDs, differ from `checkpoint`'s."""
     import shutil as sh
 
-    from model.recommender import ModelConfig
-    from model.trainer import TrainConfig, train
+    from genrec.recommender.recommender import ModelConfig
+    from genrec.recommender.trainer import TrainConfig, train
 
     src = tmp_path_factory.mktemp("trainsrc_b")
     sh.copytree(world_src[0], src / "train")
@@ -437,7 +437,7 @@ def _served(ev: Path, ckpt: Path, res: Path) -> tuple[dict, dict]:
     """(the bootstrap's report, creative id -> the IDs the model was served for its training items)."""
     from dataset import TestDataset
     from evalu.semantic_bootstrap import id_file_check
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     _, _, rep = run(_cfg(ev, ckpt, res))
     model, meta, rq, trained = load_checkpoint(ckpt)
@@ -447,7 +447,7 @@ def _served(ev: Path, ckpt: Path, res: Path) -> tuple[dict, dict]:
 
 
 def test_another_models_ids_are_never_served(world, checkpoint, checkpoint_b, tmp_path, caplog):
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
     trained_a, trained_b = load_checkpoint(checkpoint)[3], load_checkpoint(checkpoint_b)[3]
@@ -468,7 +468,7 @@ def test_another_models_ids_are_never_served(world, checkpoint, checkpoint_b, tm
 
 def test_ids_of_unknown_origin_are_served_only_when_they_agree(world, checkpoint, tmp_path):
     from dataset.semantic_ids import load_semantic_ids, save_semantic_ids
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
     trained = load_checkpoint(checkpoint)[3]
@@ -490,7 +490,7 @@ def test_a_broken_rqvae_in_the_checkpoint_degrades_to_its_trained_ids(world, che
     import shutil as sh
 
     from evalu.infer import main
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
     ck = tmp_path / "ck"
@@ -582,7 +582,7 @@ def test_bootstrap_reuses_the_trained_ids_exactly(world, checkpoint, tmp_path):
     import shutil as sh
 
     from dataset.semantic_ids import save_semantic_ids
-    from model.checkpoint import load_checkpoint
+    from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
     ck = tmp_path / "ck"

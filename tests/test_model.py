@@ -1,4 +1,4 @@
-"""model/: semantic-ID prefix embeddings, the loss (full softmax, sampled + logQ), validation rules, checkpoints."""
+"""genrec/recommender/: semantic-ID prefix embeddings, the loss (full softmax, sampled + logQ), validation rules, checkpoints."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dataset import TrainDataset
-from model.recommender import ModelConfig, Recommender, expected_negatives
-from model.sid_embedding import PrefixVocab, SemanticIdEmbedding, prefix_values
-from model.trainer import TrainConfig, evaluate, train
+from genrec.recommender.recommender import ModelConfig, Recommender, expected_negatives
+from genrec.recommender.sid_embedding import PrefixVocab, SemanticIdEmbedding, prefix_values
+from genrec.recommender.trainer import TrainConfig, evaluate, train
 
 
 def _stored(codes: list[list[int]]) -> np.ndarray:
@@ -178,7 +178,7 @@ def test_bad_training_config_is_refused():
 
 
 def test_seen_masks_follow_the_causal_history():
-    from model.recommender import _first_seen, _seen
+    from genrec.recommender.recommender import _first_seen, _seen
 
     seq = torch.tensor([[0, 5, 7, 5]])  # left-padded; the query at position t has read seq[:t+1]
     index = {0: 0, 5: 1, 7: 2, 9: 3}  # item -> column of the index space

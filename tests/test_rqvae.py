@@ -326,7 +326,7 @@ def test_an_rqkmeans_saved_before_pca_loads_as_it_was_made(tmp_path):
 
 
 def test_boolean_flags_turn_both_ways():
-    from dataset.cli import FlagParser, add_dataclass_arguments
+    from genrec.core.cli import FlagParser, add_dataclass_arguments
 
     p = FlagParser()
     add_dataclass_arguments(p, RQVAEConfig)
@@ -436,7 +436,7 @@ def test_encode_oom_halves_the_batch_and_gives_the_same_codes(monkeypatch, caplo
 
 
 def test_atomic_write_failing_mid_write_keeps_the_old_file(tmp_path):
-    from dataset.safeio import atomic_open, write_json
+    from genrec.core.safeio import atomic_open, write_json
 
     p = tmp_path / "semantic_id_report.json"
     write_json(p, {"old": True})

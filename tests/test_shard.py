@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset.safeio import DataFormatError
+from genrec.core.safeio import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,8 @@ FIT = """
 import json, sys
 sys.path.insert(0, {root!r})
 import numpy as np, torch
-from rqvae import RQVAEConfig, dist, fit
+from rqvae import RQVAEConfig, fit
+from genrec.core import dist
 dist.init_from_env(torch.device("cpu"))
 x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
 model, rep = fit(x, RQVAEConfig(num_epochs=3, codebook_size=32, hidden_dims=(16,), latent_dim=8, kmeans_iters=4,

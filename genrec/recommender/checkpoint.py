@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dataset.safeio import atomic_open, write_json
+from genrec.core.safeio import atomic_open, write_json
 from dataset.semantic_ids import SEMANTIC_ID_FILE, load_semantic_ids, save_semantic_ids
 from dataset.store import FeatureSchema
 from rqvae import RQVAE

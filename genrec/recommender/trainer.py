@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from dataset import TrainDataset
 from dataset.datasets import ACTION_NAMES
-from dataset.cli import add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
-from dataset.safeio import is_writable_dir
+from genrec.core.cli import add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
+from genrec.core.safeio import is_writable_dir
 from .metrics import rank_metrics, target_ranks, target_weights
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
-from rqvae import dist as rdist
-from rqvae.device import resolve_device
+from genrec.core import dist as rdist
+from genrec.core.device import resolve_device
 
 from .checkpoint import save_checkpoint
 from .recommender import ModelConfig, Recommender
@@ -121,7 +121,7 @@ class TrainConfig:
         fields mean an old checkpoint's behaviour)."""
         return from_namespace(cls, a, model=from_namespace(ModelConfig, a))
 
-    # For the CLI (dataset.cli.add_dataclass_arguments).
+    # For the CLI (genrec.core.cli.add_dataclass_arguments).
     CHOICES = {"sid_method": METHODS}
     ALIASES = {"epochs": ("num_epochs",)}  # train_rqvae.py says --num_epochs
     HELP = {"filter_seen": "validation rule and infer.py's default: rank without history items (true), all items "

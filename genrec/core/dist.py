@@ -1,10 +1,10 @@
-"""torch.distributed, as every layer uses it: who we are in a torchrun job, and the few collectives training and
-inference need. Without a process group (plain `python ...`) every helper is a no-op for one process."""
+"""torch.distributed, the one place that calls it: who we are in a torchrun job, and the few collectives training
+and inference need. Without a process group (plain `python ...`) every helper is a no-op for one process."""
 from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,24 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (small things: counts, reports, errors)."""
+    if world() <= 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank."""
+    if world() <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

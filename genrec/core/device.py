@@ -1,5 +1,4 @@
-"""Device choice and memory figures, shared by the RQ-VAE, the trainer and inference (no imports from dataset/:
-the quantizer core stands alone)."""
+"""Device choice and memory figures, shared by the RQ-VAE, the trainer and inference."""
 from __future__ import annotations
 
 import resource

@@ -1,7 +1,5 @@
 """Command-line plumbing every CLI shares: one boolean parser for flags and env vars, both spellings of every
 long flag (`--data_dir` and `--data-dir`), dataclass fields -> flags, logging and progress bars, one-line errors.
-
-It sits in the lowest package (dataset/) because every layer's configuration uses it.
 """
 from __future__ import annotations
 
