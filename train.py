@@ -20,13 +20,19 @@ from genrec.core import dist as rdist
 from genrec.core.device import resolve_device
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> FlagParser:
     p = FlagParser(description=__doc__)
-    p.add_argument("--data_dir", default=os.environ.get("TRAIN_DATA_PATH"), help="training data (env TRAIN_DATA_PATH)")
-    p.add_argument("--output_dir", default=os.environ.get("TRAIN_CKPT_PATH"),
+    p.add_argument("--data_dir", default=os.environ.get("TRAIN_DATA_PATH") or None,
+                   help="training data (env TRAIN_DATA_PATH)")
+    p.add_argument("--output_dir", default=os.environ.get("TRAIN_CKPT_PATH") or None,
                    help="where the checkpoint goes (env TRAIN_CKPT_PATH)")
     TrainConfig.add_arguments(p)
     add_logging_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if not a.data_dir or not a.output_dir:
         p.error("--data_dir and --output_dir (or TRAIN_DATA_PATH and TRAIN_CKPT_PATH) are required")

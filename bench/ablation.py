@@ -48,10 +48,10 @@ VARIANTS = {
     "512 sampled negatives + in-batch, logQ": ({"num_negatives": 512}, {}),
     "512 sampled negatives + in-batch, no logQ": ({"num_negatives": 512, "logq": False}, {}),
     "IDs by rqkmeans": ({}, {"sid_method": "rqkmeans"}),
-    "no history filtering": ({}, {"filter_seen": "false"}),
-    "always history filtering": ({}, {"filter_seen": "true"}),
+    "no history filtering": ({}, {"filter_seen": False}),
+    "always history filtering": ({}, {"filter_seen": True}),
     "first version": ({"num_negatives": 512, "logq": False, "sid_embedding": "level", "item_bias": False,
-                       "history_bias": False}, {"sid_method": "rqvae", "filter_seen": "false", "random_window": False}),
+                       "history_bias": False}, {"sid_method": "rqvae", "filter_seen": False, "random_window": False}),
 }
 PRESETS = {"actions": ["defaults", BLIND, "history actions only", "target weights only", "target-action query only",
                        "no semantic IDs"]}
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *PRESETS],
                    help="variants to run, or a preset: actions")
     p.add_argument("--epochs", type=int, help="default: 6 (demo), 60 (ml100k)")
-    p.add_argument("--test-users", type=int, default=2000, help="demo world")
-    p.add_argument("--cold-frac", type=float, default=None, help="default: 0.2 (demo), 0.1 (ml100k)")
-    p.add_argument("--data-root", help="ml100k: converted splits (cold{seed}/) instead of converting")
+    p.add_argument("--test_users", type=int, default=2000, help="demo world")
+    p.add_argument("--cold_frac", type=float, default=None, help="default: 0.2 (demo), 0.1 (ml100k)")
+    p.add_argument("--data_root", help="ml100k: converted splits (cold{seed}/) instead of converting")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="print one table over these --out files (same world and training settings), seeds in order")
     add_run_args(p)

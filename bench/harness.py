@@ -125,6 +125,22 @@ def write_results(name: str, title: str, body: list[str], command: str | None = 
     return path
 
 
+class Report:
+    """A bench's output: each line printed as it comes and kept for its results file (`write`)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "", **_: Any) -> None:
+        print(line, flush=True)
+        self.lines += str(line).split("\n")
+
+    def write(self, name: str, title: str) -> Path:
+        path = write_results(name, title, [ln[2:] if ln.startswith("# ") else ln for ln in self.lines])
+        print(f"wrote {path}")
+        return path
+
+
 def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float = 0.2,
                **world: Any) -> tuple[Path, Path]:
     """The demo world of `seed` (SynthConfig defaults but for `world`'s fields): (train dir, eval dir), made once
@@ -141,7 +157,7 @@ def demo_world(root: Path, seed: int, test_users: int = 2000, cold_frac: float =
 def ml100k_cold(root: Path, seed: int, cold_frac: float = 0.1, data_root: str | None = None,
                 ratings_as_actions: bool = False) -> Path:
     """The MovieLens-100k cold-start split of `seed` (converted once under `root`, or found in `data_root`);
-    `ratings_as_actions`: stars as actions (genrec-convert-ml100k --ratings-as-actions)."""
+    `ratings_as_actions`: stars as actions (genrec-convert-ml100k --ratings_as_actions)."""
     name = f"{'actions' if ratings_as_actions else 'cold'}{seed}"
     if data_root:
         return Path(data_root) / name

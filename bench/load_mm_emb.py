@@ -24,7 +24,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from genrec.core.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser, add_bool  # noqa: E402
+from harness import Report  # noqa: E402
 
 
 def write_parts(folder: Path, n: int, dim: int, parts: int, seed: int = 0) -> None:
@@ -110,8 +111,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--parts", type=int, default=4)
-    p.add_argument("--skip-baseline", action="store_true")
+    add_bool(p, "skip_baseline", False, "leave out the public baseline's stage")
     a = p.parse_args()
+    say = Report()
     tmp = Path(tempfile.mkdtemp(prefix="bench_mm_"))
     try:
         emb_dir = tmp / "creative_emb"
@@ -119,7 +121,7 @@ def main() -> None:
         t = time.perf_counter()
         write_parts(folder, a.n, a.dim, a.parts)
         size = sum(f.stat().st_size for f in folder.iterdir())
-        print(f"# {a.n} x {a.dim} in {a.parts} part files, {size / 2**20:.0f} MiB of JSON (written in "
+        say(f"# {a.n} x {a.dim} in {a.parts} part files, {size / 2**20:.0f} MiB of JSON (written in "
               f"{time.perf_counter() - t:.1f} s); matrix {a.n * a.dim * 4 / 2**20:.0f} MiB")
         rows = {}
         if not a.skip_baseline:
@@ -143,17 +145,18 @@ def main() -> None:
         pickle_rows = {"pickle: baseline (pickle.load)": run_stage("pickle baseline", pkl, "81", pkl),
                        "pickle: ours, first load (restricted unpickler + cache)": run_stage("load", pkl, "81", pkl)}
         matrix_mb = a.n * a.dim * 4 / 2**20
-        print("| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
-        print("|---|---|---|---|---|---|")
+        say("| stage | seconds | vs baseline | peak RSS MiB (over interpreter) | peak / matrix | parse-worker peak RSS MiB |")
+        say("|---|---|---|---|---|---|")
         base = rows.get("baseline (json.loads per line -> dict)", {}).get("seconds")
         for name, r in [*rows.items(), *pickle_rows.items()]:
             if name.startswith("pickle"):
                 base = pickle_rows["pickle: baseline (pickle.load)"]["seconds"]
             ratio = f"{base / r['seconds']:.1f}x faster" if base else "-"
             extra = r["peak_mb"] - r["base_mb"]
-            print(f"| {name} | {r['seconds']:.3f} | {ratio} | {extra:.0f} | {extra / matrix_mb:.2f} | "
+            say(f"| {name} | {r['seconds']:.3f} | {ratio} | {extra:.0f} | {extra / matrix_mb:.2f} | "
                   f"{r['worker_peak_mb']:.0f} |")
             assert r["rows"] == a.n, (name, r["rows"])
+        say.write("load_mm_emb", "Loading creative_emb/")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

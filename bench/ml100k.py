@@ -36,10 +36,10 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads its defaults from the env then
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from genrec.core.cli import FlagParser  # noqa: E402
+from genrec.core.cli import FlagParser, add_bool  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parent))
 from dataset.convert_ml100k import EMB_FID, _read_atomic, convert, embed, find_recbole_ml100k  # noqa: E402
-from harness import fresh_copy, mean_std, train_and_infer  # noqa: E402
+from harness import Report, fresh_copy, mean_std, train_and_infer  # noqa: E402
 
 PUBLISHED_GRU4REC = {"hr@10": 0.1103, "ndcg@10": 0.0513}
 RULES = ("unfiltered", "filtered")
@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = FlagParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--cold-frac", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cold_frac", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--model-text", default="direct", choices=["direct", "none"],
+    p.add_argument("--model_text", default="direct", choices=["direct", "none"],
                    help="our model embeds the text vector itself, or sees it only through the semantic IDs")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every model (default 1)")
     p.add_argument("--splits", nargs="+", default=["warm", "cold-start"], choices=["warm", "cold-start"],
@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="our model without and/or with semantic IDs (none: the peers only)")
     p.add_argument("--peers", nargs="*", default=list(peers.PEERS), choices=list(peers.PEERS),
                    help="RecBole models to run (none: skip them)")
-    p.add_argument("--peer-max-epochs", type=int, default=200)
-    p.add_argument("--peer-time-budget", type=float, default=2400.0, help="seconds of training per peer and seed")
-    p.add_argument("--peer-patience", type=int, default=10, help="epochs without a better validation score")
-    p.add_argument("--peers-cache", help="JSON lines of earlier peer runs: reused when split and budget match, "
+    p.add_argument("--peer_max_epochs", type=int, default=200)
+    p.add_argument("--peer_time_budget", type=float, default=2400.0, help="seconds of training per peer and seed")
+    p.add_argument("--peer_patience", type=int, default=10, help="epochs without a better validation score")
+    p.add_argument("--peers_cache", help="JSON lines of earlier peer runs: reused when split and budget match, "
                                          "new runs appended")
-    p.add_argument("--data-root", help="use splits already converted here (warm/, cold{seed}/)")
-    p.add_argument("--convert-only", action="store_true", help="write the splits to --keep and stop")
-    p.add_argument("--max-users", type=int, default=None, help="first users only (smoke tests)")
+    p.add_argument("--data_root", help="use splits already converted here (warm/, cold{seed}/)")
+    add_bool(p, "convert_only", False, "write the splits to --keep and stop")
+    p.add_argument("--max_users", type=int, default=None, help="first users only (smoke tests)")
     p.add_argument("--keep", help="keep the work dir here")
     p.add_argument("--out", help="write every figure as JSON here")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = {"use_semantic_ids": use, "mm_emb_id": [EMB_FID] if a.model_text == "direct" else []}
             for rule in a.rules if "warm" in a.splits else ():  # one model per rule, selected under that rule
                 d = fresh_copy(splits[seed]["warm"], work / "run" / "data")
-                r = train_and_infer(d, d, work / "run", seed, [rule], model, filter_seen=str(rule == "filtered").lower(),
+                r = train_and_infer(d, d, work / "run", seed, [rule], model, filter_seen=rule == "filtered",
                                     **train_kw)
                 ours.setdefault(("warm", name, rule), []).append({**r[rule]["overall"], "seconds": r["seconds"]})
             if "cold-start" in a.splits:
@@ -189,18 +189,19 @@ def _merge(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
 
 def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list[dict]]) -> dict:
     dev = "cpu"
-    print(f"\n# ml-100k on {dev} ({a.threads} thread(s) per model), leave-one-out by time, full ranking over all items, "
+    say = Report()
+    say(f"\n# ml-100k on {dev} ({a.threads} thread(s) per model), leave-one-out by time, full ranking over all items, "
           f"seeds {a.seeds}, mean ± std over seeds; ours: {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}, text "
           f"{'embedded directly' if a.model_text == 'direct' else 'through the semantic IDs only'}; peers: "
           f"RecBole defaults, at most {a.peer_max_epochs} epochs / {a.peer_time_budget:.0f} s / patience {a.peer_patience}")
-    print("\n| model (warm split) | HR@10 unfiltered | NDCG@10 unfiltered | HR@10 filtered | NDCG@10 filtered "
+    say("\n| model (warm split) | HR@10 unfiltered | NDCG@10 unfiltered | HR@10 filtered | NDCG@10 filtered "
           "| epochs | seconds per run |")
-    print("|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|")
     rows: dict[str, dict] = {}
     for label in dict.fromkeys(r["model"] for r in peer_runs):
         rs = [r for r in peer_runs if r["model"] == label]
         rows[f"RecBole {label}"] = {rule: [r[rule] for r in rs] for rule in RULES}
-        print(f"| RecBole {label} | " + " | ".join(mean_std(r[rule][m] for r in rs) for rule in RULES
+        say(f"| RecBole {label} | " + " | ".join(mean_std(r[rule][m] for r in rs) for rule in RULES
                                                    for m in ("hr@10", "ndcg@10"))
               + f" | {'/'.join(str(r['epochs']) for r in rs)} ({'/'.join(r['stopped_by'] for r in rs)})"
               + f" | {mean_std((r['seconds'] for r in rs), 0)} |")
@@ -209,14 +210,14 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
         if not any(by.values()):
             continue
         rows[name] = by
-        print(f"| {name} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
+        say(f"| {name} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
                                           for k in ("hr@10", "ndcg@10"))
               + f" | {a.epochs} | {mean_std((m['seconds'] for m in by['filtered'] + by['unfiltered']), 0)} |")
-    print(f"| RecBole GRU4Rec, published (reference, not run here) | {PUBLISHED_GRU4REC['hr@10']:.4f} | "
+    say(f"| RecBole GRU4Rec, published (reference, not run here) | {PUBLISHED_GRU4REC['hr@10']:.4f} | "
           f"{PUBLISHED_GRU4REC['ndcg@10']:.4f} | | | | |")
     if peer_runs:
         agree = sum(r["targets_agree"] for r in peer_runs), sum(r["test_users"] for r in peer_runs)
-        print(f"\nTest targets identical in RecBole's split and ours: {agree[0]} of {agree[1]} user-runs.")
+        say(f"\nTest targets identical in RecBole's split and ours: {agree[0]} of {agree[1]} user-runs.")
     checks = []
     best_peer = [k for k in rows if k.startswith("RecBole")]
     if best_peer and "ours, semantic IDs" in rows:
@@ -230,15 +231,15 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
                 margin, need = ours_v.mean() - peer_v.mean(), max(ours_v.std(), peer_v.std())
                 checks.append(f"warm {rule} {m}: ours {ours_v.mean():.4f} vs best peer ({bp}) {peer_v.mean():.4f}: "
                               f"margin {margin:+.4f}, larger std {need:.4f} -> {'MET' if margin > need else 'MISSED'}")
-    print("\n| model (cold-start split) | rule chosen by validation | HR@10 unfiltered | NDCG@10 unfiltered "
+    say("\n| model (cold-start split) | rule chosen by validation | HR@10 unfiltered | NDCG@10 unfiltered "
           "| HR@10 filtered | NDCG@10 filtered | users |")
-    print("|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|")
     for name in ("ours, no semantic ID", "ours, semantic IDs"):
         by = {rule: ours.get(("cold-start", name, rule), []) for rule in RULES}
         if not by["filtered"]:
             continue
         chosen = "/".join("filtered" if c["filtered"] else "unfiltered" for c in ours[("cold-start", name, "chosen")])
-        print(f"| {name} | {chosen} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
+        say(f"| {name} | {chosen} | " + " | ".join(mean_std(m[k] for m in by[rule]) for rule in RULES
                                                     for k in ("hr@10", "ndcg@10"))
               + f" | {'/'.join(str(m['users']) for m in by['filtered'])} |")
     if ours.get(("cold-start", "ours, semantic IDs", "filtered")) and ours.get(("cold-start", "ours, no semantic ID", "filtered")):
@@ -253,7 +254,8 @@ def _tables(a: argparse.Namespace, peer_runs: list[dict], ours: dict[tuple, list
                               f"{'separate' if sep else 'overlap'} -> {'MET' if ratio >= 1.2 and sep else 'MISSED'}"
                               + _paired(ours, rule, m))
     if checks:
-        print("\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+        say("\nTargets:\n" + "\n".join(f"- {c}" for c in checks))
+    say.write("ml100k", "MovieLens-100k: ours against RecBole's models")
     return {"peers": peer_runs, "ours": {" | ".join(k): v for k, v in ours.items()}, "checks": checks}
 
 

@@ -11,7 +11,7 @@ Ceiling runs change what item content tells (`--topic-share 1`: feature 100 name
 round's (exposures, clicks, conversions; the next click or conversion scored, a conversion weighing 2.5). The
 table goes to bench/results/quality.md (a ceiling run: quality-<what changed>.md).
 
-    python bench/quality.py [--seeds 0 1 2 --epochs 6 --test-users 2000 --cold-frac 0.2 --threads 1]
+    python bench/quality.py [--seeds 0 1 2 --epochs 6 --test_users 2000 --cold_frac 0.2 --threads 1]
     python bench/quality.py --models without --topic-share 1 --tier-noise 0 [--popularity-feature]
 """
 from __future__ import annotations
@@ -41,15 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
     p = FlagParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--test-users", type=int, default=2000)
-    p.add_argument("--cold-frac", type=float, default=0.2)
-    p.add_argument("--sid-features", nargs="+", default=["81", "82"], help="features the RQ-VAE merges")
+    p.add_argument("--test_users", type=int, default=2000)
+    p.add_argument("--cold_frac", type=float, default=0.2)
+    p.add_argument("--sid_features", nargs="+", default=["81", "82"], help="features the RQ-VAE merges")
     p.add_argument("--models", nargs="+", choices=list(MODEL_FLAGS), default=list(MODEL_FLAGS),
                    help="which models to run: without and/or with semantic IDs")
     d = SynthConfig()
-    p.add_argument("--topic-share", type=fraction, default=d.topic_share,
+    p.add_argument("--topic_share", type=fraction, default=d.topic_share,
                    help="demo world: share of items whose feature 100 is their topic (0-1)")
-    p.add_argument("--tier-noise", type=float, default=d.tier_noise,
+    p.add_argument("--tier_noise", type=float, default=d.tier_noise,
                    help="demo world: noise of the quality / propensity tiers (features 114 / 115; 0: exact, an oracle)")
     add_bool(p, "popularity_feature", False,
              "demo world: feature 112 is the item's popularity decile (an oracle for ceiling runs)")

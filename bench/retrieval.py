@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genrec.core.cli import FlagParser  # noqa: E402
+from harness import Report  # noqa: E402
 from evalu.retrieval import cpu_has_bf16, topk_inner_product, topk_shortlist  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for both (default: torch's)")
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
+    say = Report()
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
@@ -63,22 +65,23 @@ def main() -> None:
             times["faiss IndexFlatIP (add + search)"].append(time.perf_counter() - t)
             same = (i_ours.numpy() == i_f).mean()
             score_gap = np.abs(s_ours.numpy() - s_f).max()  # where indices differ, the scores must tie
-    print(f"# {a.users} users x {a.candidates} candidates, d={a.dim}, {threads} threads for all, {a.device}, "
+    say(f"# {a.users} users x {a.candidates} candidates, d={a.dim}, {threads} threads for all, {a.device}, "
           f"{a.repeat} alternating runs; CPU bf16 instructions: {cpu_has_bf16()}")
-    print("| backend | median s | best s | median vs faiss |")
-    print("|---|---|---|---|")
+    say("| backend | median s | best s | median vs faiss |")
+    say("|---|---|---|---|")
     fa = float(np.median(times["faiss IndexFlatIP (add + search)"])) if faiss is not None else None
     for name, ts in times.items():
         if ts:
             med = float(np.median(ts))
-            print(f"| {name} | {med:.2f} | {min(ts):.2f} | {f'{fa / med:.2f}x' if fa else '-'} |")
+            say(f"| {name} | {med:.2f} | {min(ts):.2f} | {f'{fa / med:.2f}x' if fa else '-'} |")
     if same is not None:
-        print(f"\nfaiss vs ours fp32: identical top-10 indices in {100 * same:.3f}% of slots; "
+        say(f"\nfaiss vs ours fp32: identical top-10 indices in {100 * same:.3f}% of slots; "
               f"max score difference {score_gap:.2e}")
-    print(f"bf16 vs fp32: identical top-10 indices in {100 * (i_bf == i_ours).float().mean().item():.3f}% of slots; "
+    say(f"bf16 vs fp32: identical top-10 indices in {100 * (i_bf == i_ours).float().mean().item():.3f}% of slots; "
           f"max score difference {(s_bf - s_ours).abs().max().item():.2e}; users scored again in fp32 (proof "
           f"failed): {stats['fallback_users']} of {stats['users']}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    say(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    say.write("retrieval", "Exact top-10 retrieval")
 
 
 if __name__ == "__main__":

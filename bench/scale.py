@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 from genrec.core.alloc import tune_allocator  # noqa: E402
 from genrec.core.cli import FlagParser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Report  # noqa: E402
 
 
 class FakeStore:
@@ -57,7 +59,7 @@ def _model(work: Path):
     if not is_checkpoint(ck):
         generate(work / "train", SynthConfig(users=500, test_users=10, items=2000, mm=((81, 32),)))
         train(TrainConfig(data_dir=str(work / "train"), output_dir=str(ck), epochs=1))
-    return load_checkpoint(ck)[0]
+    return load_checkpoint(ck).model
 
 
 def _stages(rank: int, world: int, port: int, work: str, n_cand: int, n_users: int, out: dict) -> None:
@@ -173,34 +175,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--io_dim", type=int, default=32, help="width of the embeddings the curve loads and encodes")
     p.add_argument("--work", help="keep the trained model here (default: a temp dir)")
     a = p.parse_args(argv)
+    say = Report()
     work = a.work or tempfile.mkdtemp(prefix="bench_scale_")
     _model(Path(work))  # train once, before any timing
-    print(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, one thread per process")
+    say(f"# {os.cpu_count()} CPUs, torch {torch.__version__}, one thread per process")
     if a.curve:
         torch.set_num_threads(1)
-        print(f"\n## growth with the catalogue: {a.users} users, 1 process, {a.io_dim}-d embeddings\n")
-        print("| candidates | load embeddings (cache) s | bootstrap (encode) s | candidate + user embedding s | "
+        say(f"\n## growth with the catalogue: {a.users} users, 1 process, {a.io_dim}-d embeddings\n")
+        say("| candidates | load embeddings (cache) s | bootstrap (encode) s | candidate + user embedding s | "
               "retrieval s | write result.json s | s per 100k candidates | peak RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|")
+        say("|---|---|---|---|---|---|---|---|")
         for n in a.curve:
             io = _io_stages(Path(work), n, a.users, a.io_dim)
             r = _run(1, work, n, a.users)
             total = io["load"] + io["bootstrap"] + r["embed"] + r["retrieve"] + io["write"]
-            print(f"| {n:,} | {io['load']:.2f} | {io['bootstrap']:.2f} | {r['embed']:.2f} | {r['retrieve']:.2f} | "
+            say(f"| {n:,} | {io['load']:.2f} | {io['bootstrap']:.2f} | {r['embed']:.2f} | {r['retrieve']:.2f} | "
                   f"{io['write']:.2f} | {total / n * 1e5:.3f} | {r['peak_mb']:.0f} |", flush=True)
+        say.write("scale-curve", "Inference stages as the catalogue grows")
         return
-    print(f"\n## {a.candidates:,} candidates x {a.users:,} users\n")
-    print("| processes | candidate + user embedding s | retrieval s | total s | vs 1 process | same top-10 |")
-    print("|---|---|---|---|---|---|")
+    say(f"\n## {a.candidates:,} candidates x {a.users:,} users\n")
+    say("| processes | candidate + user embedding s | retrieval s | total s | vs 1 process | same top-10 |")
+    say("|---|---|---|---|---|---|")
     base = None
     for n in a.procs:
         r = _run(n, work, a.candidates, a.users)
         total = r["embed"] + r["retrieve"]
         base = base or (total, r["checksum"], r["first"])
         same = r["checksum"] == base[1] and r["first"] == base[2]
-        print(f"| {n} | {r['embed']:.2f} | {r['retrieve']:.2f} | {total:.2f} | {base[0] / total:.2f}x | "
+        say(f"| {n} | {r['embed']:.2f} | {r['retrieve']:.2f} | {total:.2f} | {base[0] / total:.2f}x | "
               f"{'yes' if same else 'NO'} |", flush=True)
 
+    say.write("scale", "Inference past one process")
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genrec.core.cli import FlagParser  # noqa: E402
+from harness import Report  # noqa: E402
 from rqvae import RQVAEConfig, encode, fit  # noqa: E402
 from rqvae.dedup import dedup_codes  # noqa: E402
 from rqvae.stats import collision_stats, level_stats  # noqa: E402
@@ -158,22 +159,22 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["ours", "ours+dedup", "ours rqkmeans", "public recipe", "faiss RQ b1"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    say = Report()
+    say(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {a.device}"
           + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""))
     for s in a.sets:
         x = load_set(s)
-        print(f"\n## {s}: {x.shape[0]} x {x.shape[1]}")
-        print("| method | seconds | vs public recipe | collision rate | largest group | codes used per level | "
+        say(f"\n## {s}: {x.shape[0]} x {x.shape[1]}")
+        say("| method | seconds | vs public recipe | collision rate | largest group | codes used per level | "
               "perplexity per level | 10-NN share first code |")
-        print("|---|---|---|---|---|---|---|---|")
+        say("|---|---|---|---|---|---|---|---|")
         rows = []
         for mname in a.methods:
             try:
                 secs, codes = run_method(mname, x, a.device)
             except ImportError as e:
-                print(f"| {mname} | skipped ({e}) |")
+                say(f"| {mname} | skipped ({e}) |")
                 continue
             cs, ls = collision_stats(codes), level_stats(codes, 256)
             rows.append((mname, secs, cs, ls, nn_first_code_agreement(x, codes, a.device)))
@@ -182,10 +183,11 @@ def main() -> None:
             ratio = f"{base / secs:.1f}x" if base else "-"
             used = "/".join(str(lv["used"]) for lv in ls)
             perplexity = "/".join("%.0f" % lv["perplexity"] for lv in ls)
-            print(f"| {mname} | {secs:.2f} | {ratio} | {cs['collision_rate']:.4f} | {cs['largest_group']} | "
+            say(f"| {mname} | {secs:.2f} | {ratio} | {cs['collision_rate']:.4f} | {cs['largest_group']} | "
                   f"{used} | {perplexity} | {nn_agree:.3f} |")
         sys.stdout.flush()
-    print(f"\n# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    say(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    say.write("semantic_ids", "Semantic IDs: quality and speed")
 
 
 if __name__ == "__main__":

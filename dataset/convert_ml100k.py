@@ -1,14 +1,14 @@
 """MovieLens-100k (RecBole's packaged atomic files) -> a competition-format directory, with real text embeddings.
 
-    python -m dataset.convert_ml100k --out DIR [--src FOLDER] [--cold-frac 0.1 --seed 0] [--ratings-as-actions]
+    python -m dataset.convert_ml100k --out DIR [--src FOLDER] [--cold_frac 0.1 --seed 0] [--ratings_as_actions]
 
 Every rating is an interaction, ordered by time. By default each is a click (implicit feedback, action 1), and
 leave-one-out by time makes each user's last rating the test target (labels.jsonl), the one before it the
-validation click that train.py holds out. With --ratings-as-actions the rating is the action, as in an ad log:
+validation click that train.py holds out. With --ratings_as_actions the rating is the action, as in an ad log:
 1-3 stars an exposure (0: seen, not chosen), 4 a click (1), 5 a conversion (2); each user's last 4- or 5-star
 rating is the test target (later ratings are dropped), its action in labels.jsonl and user_action_type.json. Items: year (sparse feature 100), genres (array feature 101), and the 384-d all-MiniLM-L6-v2
 embedding of "title (year): genres" as creative_emb feature 81 (emb_81_384/). Users: age bucket (103),
-gender (104), occupation (105). The candidate pool is every item. With --cold-frac, a seeded share of items
+gender (104), occupation (105). The candidate pool is every item. With --cold_frac, a seeded share of items
 never appears in training (not in the indexer, the item features or any training sequence); they stay in the
 pool, in creative_emb, and as test targets, which infer.py then scores as cold-start.
 
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from genrec.core.cli import FlagParser, add_bool, add_logging_arguments, setup_logging
+from genrec.core.cli import FlagParser, add_bool, add_logging_arguments, fraction, setup_logging
 from genrec.core.safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
 EMB_FID, EMB_DIM = "81", 384
-RATING_ACTIONS = {1: 0, 2: 0, 3: 0, 4: 1, 5: 2}  # --ratings-as-actions: stars -> exposure / click / conversion
+RATING_ACTIONS = {1: 0, 2: 0, 3: 0, 4: 1, 5: 2}  # --ratings_as_actions: stars -> exposure / click / conversion
 CID_OFFSET = 1_000_000  # creative id = movie id + this: raw ids never look like item re-ids (as in the competition)
 
 
@@ -167,16 +167,20 @@ def convert(out: str | os.PathLike, src: str | os.PathLike | None = None, cold_f
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> FlagParser:
     p = FlagParser(description=__doc__)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to write (train and eval files together)")
     p.add_argument("--src", help="folder with ml-100k.inter/.item/.user (default: RecBole's packaged copy)")
-    p.add_argument("--cold-frac", type=float, default=0.0, help="share of items kept out of training")
+    p.add_argument("--cold_frac", type=fraction, default=0.0, help="share of items kept out of training (0-1)")
     p.add_argument("--seed", type=int, default=0)
     add_bool(p, "ratings_as_actions", False, "stars as actions: 1-3 exposure, 4 click, 5 conversion; the target is "
                                              "the last click or conversion")
     add_logging_arguments(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     setup_logging(a)
     convert(a.out, a.src, a.cold_frac, a.seed, ratings_as_actions=bool(a.ratings_as_actions))
 

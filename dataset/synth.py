@@ -13,20 +13,23 @@ seen in training ("cold": absent from training, present in the candidate pool an
 Test users' targets are their next click or conversion; `final_round` writes conversions as action 2 (else they
 stay clicks, action 1), `user_action_type.json` and labels with action_type 2, as the competition's final round.
 
-    python -m dataset.synth --out DIR [--eval-out DIR2] [--final-round] [--users 2000 --test-users 500 --seed 0]
+    python -m dataset.synth --out DIR [--eval_out DIR2] [--final_round] [--users 2000 --test_users 500 --seed 0]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from genrec.core.cli import FlagParser, add_bool, add_logging_arguments, fraction, setup_logging
+from genrec.core.cli import (FlagParser, add_dataclass_arguments, add_logging_arguments, fraction, from_namespace,
+                             setup_logging)
 from genrec.core.safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,15 @@ class SynthConfig:
     stick_on_click: float = 0.85  # after a click, the platform shows the clicked item's topic with this probability
     stick_on_skip: float = 0.8  # after an exposure without a click, the user stays on the topic they were on
     seed: int = 0
+
+    HELP = {"users": "training users", "test_users": "users in the eval dir", "items": "items (before cold ones)",
+            "cold_frac": "share of items kept out of training (cold: only in the candidate pool and test targets; 0-1)",
+            "topic_share": "share of items whose feature 100 is their topic (0-1)",
+            "promoted_share": "share of exposures the platform fills with promoted items (0-1)",
+            "final_round": "write conversions (action 2), user_action_type.json and labels with action_type 2, as "
+                           "the competition's final round",
+            "popularity_feature": "feature 112 = popularity decile (an oracle)",
+            "tier_noise": "noise of the quality / propensity tiers in features 114 / 115 (0: exact, an oracle)"}
 
 
 ACTION_TYPE_FILE = "user_action_type.json"
@@ -299,31 +311,39 @@ def _generate(out: Path, cfg: SynthConfig) -> None:
              " (final round)" if cfg.final_round else "", N, int(cold.sum()), cfg.users, cfg.test_users, out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _pairs(cast: type) -> Callable[[str], tuple]:
+    """argparse type: `fid:value`."""
+    def parse(text: str) -> tuple:
+        try:
+            fid, value = text.split(":")
+            return int(fid), cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not fid:{cast.__name__}") from None
+    return parse
+
+
+def build_parser() -> FlagParser:
     p = FlagParser(description=__doc__)
-    p.add_argument("--out", required=True, help="training dir (and eval dir unless --eval-out)")
-    p.add_argument("--eval-out", default=None, help="write the evaluation files to this separate dir")
+    p.add_argument("--out", required=True, help="training dir (and eval dir unless --eval_out)")
+    p.add_argument("--eval_out", default=None, help="write the evaluation files to this separate dir")
+    fractions = ("cold_frac", "missing_frac", "topic_share", "promoted_share", "promoted_frac", "stick_on_click",
+                 "stick_on_skip")
+    add_dataclass_arguments(p, SynthConfig, skip={"mm", "mm_noise"}, types={f: fraction for f in fractions})
     d = SynthConfig()
-    for name in ("users", "test_users", "items", "topics", "seed", "min_len", "max_len"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
-    p.add_argument("--cold-frac", type=float, default=d.cold_frac)
-    p.add_argument("--topic-share", type=fraction, default=d.topic_share,
-                   help="share of items whose feature 100 is their topic (0-1)")
-    p.add_argument("--promoted-share", type=fraction, default=d.promoted_share,
-                   help="share of exposures the platform fills with promoted items (0-1)")
-    add_bool(p, "final_round", d.final_round, "write conversions (action 2), user_action_type.json and labels with "
-                                              "action_type 2, as the competition's final round")
-    add_bool(p, "popularity_feature", d.popularity_feature, "feature 112 = popularity decile (an oracle)")
-    p.add_argument("--tier-noise", type=float, default=d.tier_noise,
-                   help="noise of the quality / propensity tiers in features 114 / 115 (0: exact, an oracle)")
-    p.add_argument("--mm", nargs="+", default=[f"{a}:{b}" for a, b in d.mm], help="fid:dim of each creative_emb feature")
+    p.add_argument("--mm", nargs="+", type=_pairs(int), default=None,
+                   help=f"fid:dim of each creative_emb feature; default {' '.join(f'{a}:{b}' for a, b in d.mm)}")
+    p.add_argument("--mm_noise", nargs="+", type=_pairs(float), default=None,
+                   help=f"fid:noise of a feature's projection (others 0.3); default "
+                        f"{' '.join(f'{a}:{b}' for a, b in d.mm_noise)}")
     add_logging_arguments(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     setup_logging(a)
-    mm = tuple(tuple(int(x) for x in s.split(":")) for s in a.mm)
-    flags = {k: v for k, v in vars(a).items() if v is not None and k in SynthConfig.__dataclass_fields__}
-    cfg = SynthConfig(**{**flags, "mm": mm})
-    generate(a.out, cfg, a.eval_out)
+    extra = {k: tuple(getattr(a, k)) for k in ("mm", "mm_noise") if getattr(a, k)}
+    generate(a.out, from_namespace(SynthConfig, a, **extra), a.eval_out)
 
 
 if __name__ == "__main__":

@@ -123,14 +123,18 @@ class InferConfig:
         resolve_device(self.device)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> FlagParser:
     p = FlagParser(description=__doc__)
     taken: set[str] = set()
     add_dataclass_arguments(p, InferConfig, taken=taken)
     g = p.add_argument_group("RQ-VAE (only when new semantic IDs must be trained)")
     add_dataclass_arguments(g, RQVAEConfig, taken=taken)
     add_logging_arguments(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _demo_paths(cfg: InferConfig) -> InferConfig:
@@ -200,9 +204,10 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
     return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, {"candidates_embedded": c_hi - c_lo, "retrieval": how}
 
 
-def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[str], dict]:
+def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[int]], list[str], dict]:
     """Everything but writing files: (top10s, users, report). Under torchrun every rank takes part and rank 0
-    gets all users (the others get empty lists); with --num_shards, the users of this shard."""
+    gets all users (the others get empty lists); with --num_shards, the users of this shard. `rq_cfg`: how a new
+    RQ-VAE is trained when the checkpoint has none (default: RQVAEConfig() on the inference device)."""
     t = {"start": time.perf_counter()}
     tune_allocator()  # the process is ours: batch-sized tensors stay in the heap
     cfg.check()
@@ -219,7 +224,9 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     device = d.device
     with shard.together(d, "loading"):
         ckpt = _find_checkpoint(Path(cfg.model_dir))
-        model, meta, rq, trained_ids = load_checkpoint(ckpt, device)
+        ck = load_checkpoint(ckpt, device)
+        model, meta, rq, trained_ids = ck.model, ck.meta, ck.rqvae, ck.trained_ids
+        rq_cfg = _rq_config(rq_cfg, cfg, model)
         log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
         t["load_model"] = time.perf_counter()
         ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],
@@ -231,7 +238,7 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
             raise PermissionError(f"results folder {result_dir} cannot be written")
 
     if model.cfg.use_semantic_ids:
-        boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_args)
+        boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_cfg)
     else:
         boot_info = {"status": "unused (the model was trained without semantic IDs)"}
     t["semantic_ids"] = time.perf_counter()
@@ -287,16 +294,29 @@ def run(cfg: InferConfig, rq_args: Any = None) -> tuple[list[list[int]], list[st
     return top10s, users, report
 
 
+def _rq_config(rq_cfg: RQVAEConfig | None, cfg: InferConfig, model: Recommender) -> RQVAEConfig:
+    """The RQ-VAE settings for new IDs: they must make IDs the checkpoint's model reads (its number of levels, codes
+    within its codebook), else the IDs would be written and then dropped by the loader. Checked before any data
+    is read."""
+    levels, codes = model.schema.sid_levels, model.schema.sid_codebook
+    if rq_cfg is None:
+        return RQVAEConfig(num_quantizers=levels, codebook_size=codes, device=cfg.device)
+    if rq_cfg.num_quantizers != levels or rq_cfg.codebook_size > codes:
+        raise CliError(f"--num_quantizers {rq_cfg.num_quantizers} --codebook_size {rq_cfg.codebook_size}: the "
+                       f"checkpoint's model reads {levels}-level semantic IDs of at most {codes} codes")
+    return rq_cfg
+
+
 def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, rq: Any, meta: dict,
-               trained_ids: dict, rq_args: Any) -> dict:
+               trained_ids: dict, rq_cfg: RQVAEConfig) -> dict:
     """The semantic-ID bootstrap; under torchrun rank 0 makes the IDs (once, under the lock) while the others
     wait, then load what it wrote, or degrade as it did: every rank serves the same IDs and reports rank 0's
     status."""
     feats = (meta.get("rqvae") or {}).get("features")
     if d.lead:
         boot = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, cfg.allow_semantic_generation,
-                                   cfg.mm_emb_id, rq_args)
-        info = asdict(boot)
+                                   cfg.mm_emb_id, rq_cfg)
+        info = {**asdict(boot), "status": boot.status.value}
         rep_path = Path(boot.path).parent / "semantic_id_report.json" if boot.path else None
         if cfg.plot and boot.generation and rep_path is not None and rep_path.is_file():
             from rqvae.plot import plot_report
@@ -309,10 +329,10 @@ def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Pat
     info = shard.broadcast_object(d, info if d.lead else None)
     if not d.lead:
         ds.rebuild()  # whatever rank 0 wrote
-        mine = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, False, cfg.mm_emb_id, rq_args)
+        mine = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, False, cfg.mm_emb_id, rq_cfg)
         if mine.items != info.get("items"):
             log.warning("rank %d serves %d semantic IDs, rank 0 %d", d.rank, mine.items, info.get("items"))
-        info = {**info, "local_status": mine.status}
+        info = {**info, "local_status": mine.status.value}
     return info
 
 
@@ -336,7 +356,7 @@ def evaluate(top10s: list[list[int]], users: list[str], labels_path: str, warm: 
 def infer(args: argparse.Namespace | None = None) -> tuple[list[list[int]], list[str]]:
     """The competition entry point: (top10s, user_list), raw creative ids and raw user ids."""
     args = args if args is not None else parse_args([])
-    top10s, users, _ = run(InferConfig.from_env_and_args(args), args)
+    top10s, users, _ = run(InferConfig.from_env_and_args(args), from_namespace(RQVAEConfig, args))
     return top10s, users
 
 
@@ -348,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     cfg = InferConfig.from_env_and_args(args)
+    rq_cfg = from_namespace(RQVAEConfig, args)  # impossible settings: one line, exit 2, before any work
     t0 = time.perf_counter()
     try:
-        top10s, users, report = run(cfg, args)
+        top10s, users, report = run(cfg, rq_cfg)
     finally:
         rdist.close()
     if report.get("rank", 0) != 0:

@@ -6,7 +6,9 @@ are encoded with the checkpoint's RQ-VAE; only another model's IDs found -> warn
 checkpoint's RQ-VAE into the results dir ("replaced"); none found -> "no semantic_id found, trying to
 generate..." -> encode with the checkpoint's RQ-VAE (seconds) or, without one, train a new one -> save ->
 rebuild the dataset -> "generated semantic_id for N items". The checkpoint's own trained IDs are always served
-for its training items. Any failure is a warning and inference goes on (trained IDs, else default IDs).
+for its training items. A failure degradation is for (I/O, bad data, out of memory, no IDs could be made) is a
+warning and inference goes on (trained IDs, else default IDs), its traceback in the log at DEBUG; anything else
+is a bug and surfaces.
 """
 from __future__ import annotations
 
@@ -14,23 +16,49 @@ import fcntl
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+import torch
 
 from dataset import TestDataset, load_mm_emb
-from genrec.core.safeio import is_writable_dir
 from dataset.semantic_ids import read_origin
+from genrec.core.safeio import DataFormatError, is_writable_dir
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 
 log = logging.getLogger(__name__)
 
 
+class Status(str, Enum):
+    """How the bootstrap got the IDs it serves (the value is what infer_report.json says)."""
+
+    LOADED = "loaded"  # a file that belongs to the checkpoint
+    LOADED_ENCODED = "loaded+encoded"  # that, plus candidates it missed, encoded with the checkpoint's RQ-VAE
+    ENCODED = "encoded"  # no file: every item encoded with the checkpoint's RQ-VAE
+    TRAINED = "trained"  # no file and no RQ-VAE in the checkpoint: a new one trained
+    REPLACED = "replaced"  # only another model's file: ours encoded into the results dir instead
+    CHECKPOINT = "checkpoint"  # no usable file and no way to make one: the checkpoint's own IDs only
+    DISABLED = "disabled"  # ALLOW_SEMANTIC_GENERATION=false and no usable file
+    FAILED = "failed"  # making IDs failed (I/O, bad data, out of memory): the checkpoint's IDs, else none
+    UNUSED = "unused"  # the model takes no semantic IDs
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class GenerationError(RuntimeError):
+    """No semantic IDs could be made from the data (no usable embedding, nothing written)."""
+
+
+# The failures the bootstrap degrades on; any other exception is a bug and propagates.
+DEGRADE = (OSError, DataFormatError, MemoryError, torch.cuda.OutOfMemoryError, GenerationError)
+
+
 @dataclass
 class BootstrapResult:
-    # loaded | loaded+encoded | encoded | trained | replaced | checkpoint | disabled | failed | unused
-    status: str = "unused"
+    status: Status = Status.UNUSED
     items: int = 0
     coverage_before: float = 0.0
     coverage_after: float = 0.0
@@ -103,18 +131,18 @@ def _serve_trained(ds: TestDataset, trained_ids: Mapping[int, list[int]]) -> Non
 
 def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, rqvae_features: list[str] | None,
                         trained_ids: dict[int, list[int]], allow_generation: bool, mm_emb_id: list[str] | None,
-                        rq_args: Any = None) -> BootstrapResult:
+                        cfg: RQVAEConfig | None = None) -> BootstrapResult:
     res = BootstrapResult(coverage_before=ds.semantic_id_coverage)
     feats = rqvae_features if rqvae is not None else (mm_emb_id or ["81"])
     if rqvae is not None and mm_emb_id and [str(m) for m in mm_emb_id] != list(rqvae_features or []):
         log.warning("--mm_emb_id %s ignored: the checkpoint's RQ-VAE was trained on %s", mm_emb_id, rqvae_features)
-    cfg = RQVAEConfig.from_args(rq_args) if rq_args is not None else RQVAEConfig()
+    cfg = cfg if cfg is not None else RQVAEConfig()
     for path, why in ds.semantic_id_rejected:
         log.warning("%s not used: %s", path, why)
     res.rejected = {str(p): why for p, why in ds.semantic_id_rejected}
     try:
         if ds.semantic_id_dict:
-            res.status = "loaded"
+            res.status = Status.LOADED
             log.info("loaded semantic_id for %d items", len(ds.semantic_id_dict))
             missing = _candidates_missing(ds, feats) if rqvae is not None and allow_generation else 0
             if missing and rqvae is not None and allow_generation:
@@ -124,7 +152,7 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                 with _file_lock(out):
                     _, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, ds.semantic_id_dict, out)
                 _reload_from(ds, out)
-                res.status, res.generation = "loaded+encoded", rep
+                res.status, res.generation = Status.LOADED_ENCODED, rep
         elif ds.semantic_id_rejected and rqvae is not None and allow_generation:
             # Another model's IDs: make ours with the checkpoint's RQ-VAE, in the results dir (never over the
             # other file, which belongs to someone else).
@@ -132,12 +160,12 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
             with _file_lock(result_dir):
                 sids, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, trained_ids, result_dir)
             if not sids:
-                raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
+                raise GenerationError(rep.get("error", "no semantic IDs could be generated"))
             _reload_from(ds, result_dir)
-            res.status, res.generation = "replaced", rep
+            res.status, res.generation = Status.REPLACED, rep
         elif not allow_generation or ds.semantic_id_rejected or (rqvae is None and trained_ids):
             # Without the checkpoint's RQ-VAE, new codes would come from another codebook: serve what it has.
-            res.status = "disabled" if not allow_generation else "checkpoint"
+            res.status = Status.DISABLED if not allow_generation else Status.CHECKPOINT
             why = ("ALLOW_SEMANTIC_GENERATION=false and no usable semantic_id_dict.json" if not allow_generation
                    else "no usable semantic_id_dict.json and no RQ-VAE in the checkpoint to make one")
             res.warning = f"{why}: serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
@@ -151,7 +179,7 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
             with _file_lock(out):
                 _reload_from(ds, out)  # another process may have written it while we waited for the lock
                 if ds.semantic_id_dict:
-                    res.status = "loaded"
+                    res.status = Status.LOADED
                     log.info("loaded semantic_id for %d items (written by another process)", len(ds.semantic_id_dict))
                 else:
                     if rqvae is None:
@@ -160,23 +188,21 @@ def ensure_semantic_ids(ds: TestDataset, result_dir: Path, rqvae: RQVAE | None, 
                     sids, _, rep = generate_semantic_ids(ds.data_dir, feats, cfg, rqvae, trained_ids, out)
                     res.generation = rep
                     if not sids:
-                        raise RuntimeError(rep.get("error", "no semantic IDs could be generated"))
+                        raise GenerationError(rep.get("error", "no semantic IDs could be generated"))
                     ds.rebuild()
-                    res.status = "encoded" if rqvae is not None else "trained"
+                    res.status = Status.ENCODED if rqvae is not None else Status.TRAINED
                     made = len(ds.semantic_id_dict) - int(rep.get("reused_ids", 0))
                     log.info("generated semantic_id for %d items (%d newly made, %d reused from the checkpoint)",
                              len(ds.semantic_id_dict), made, int(rep.get("reused_ids", 0)))
         _serve_trained(ds, trained_ids)  # whichever way the IDs came: the training items keep their own
-    except Exception as e:  # degrade, never die: inference works without (new) semantic IDs
-        res.status = "failed"
+    except DEGRADE as e:  # inference works without (new) semantic IDs
+        res.status = Status.FAILED
         served = f"serving the checkpoint's IDs for the {len(trained_ids)} items it was trained with" \
             if trained_ids else "continuing with default semantic IDs"
         res.warning = f"semantic ID generation failed ({type(e).__name__}: {e}); {served}"
         log.warning(res.warning)
-        try:
-            _serve_trained(ds, trained_ids)
-        except Exception:  # noqa: BLE001 - the store itself is fine without IDs
-            ds.store.attach_semantic_ids({})
+        log.debug("the failure's traceback", exc_info=True)
+        _serve_trained(ds, trained_ids)
     res.items = len(ds.semantic_id_dict)
     res.path = str(ds.semantic_id_path) if ds.semantic_id_path else None
     res.coverage_after = ds.semantic_id_coverage

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
+from genrec.core.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
 from genrec.core.safeio import DataFormatError, write_json
 from genrec.core import dist as rdist
 
@@ -152,14 +153,17 @@ def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> FlagParser:
     """genrec-merge: `python -m evalu.shard --result_dir R` merges R/result.shard-*-of-*.json into R/result.json."""
-    from genrec.core.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
-
-    p = FlagParser(description=main.__doc__)
+    p = FlagParser(description=build_parser.__doc__)
     p.add_argument("--result_dir", default=os.environ.get("EVAL_RESULT_PATH"),
                    help="folder of the partial results (env EVAL_RESULT_PATH)")
     add_logging_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     setup_logging(a)
     if not a.result_dir:

@@ -1,10 +1,13 @@
 """RQ-VAE configuration: defaults are the documented ones; CLI flags map onto the fields one to one (through
-genrec.core.cli.add_dataclass_arguments in the CLIs: this module stays free of argparse plumbing)."""
+genrec.core.cli in the CLIs). Impossible settings are refused when the config is made, before any work."""
 from __future__ import annotations
 
-import argparse
+import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any, Mapping
+
+from genrec.core.cli import CliError
 
 METHODS = ("rqvae", "rqkmeans")
 KMEANS_INITS = ("auto", "kmeans++", "random")
@@ -32,16 +35,35 @@ class RQVAEConfig:
     encode_batch_size: int = 65536
 
     def __post_init__(self) -> None:
+        """Every setting checked (CliError: one line naming the flag, exit 2 in a CLI)."""
+        def bad(name: str, want: str) -> CliError:
+            return CliError(f"--{name} {getattr(self, name)!r}: {want}")
+
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise bad("method", f"must be one of {', '.join(METHODS)}")
         if self.kmeans_init not in KMEANS_INITS:
-            raise ValueError(f"kmeans_init must be one of {KMEANS_INITS}, got {self.kmeans_init!r}")
-        if self.pca_dim < 0:
-            raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
-        for name in ("num_quantizers", "codebook_size", "num_epochs", "batch_size", "latent_dim", "encode_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+            raise bad("kmeans_init", f"must be one of {', '.join(KMEANS_INITS)}")
+        for name in ("num_quantizers", "codebook_size", "num_epochs", "batch_size", "latent_dim", "encode_batch_size",
+                     "kmeans_iters", "kmeans_sample"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+                raise bad(name, "must be a whole number >= 1")
+        if self.kmeans_sample < self.codebook_size:
+            raise bad("kmeans_sample", f"must be >= --codebook_size ({self.codebook_size}): k-means needs a point "
+                                       f"per code")
+        if isinstance(self.pca_dim, bool) or not isinstance(self.pca_dim, Integral) or self.pca_dim < 0:
+            raise bad("pca_dim", "must be a whole number >= 0")
+        for name in ("commitment_cost", "lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0 \
+                    or (name == "lr" and v == 0):
+                raise bad(name, "must be a finite number " + (">= 0" if name == "commitment_cost" else "> 0"))
+        try:
+            self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        except (TypeError, ValueError):
+            raise bad("hidden_dims", "must be whole numbers >= 1") from None
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise bad("hidden_dims", "must be whole numbers >= 1")
 
     def balanced_assignment(self) -> bool:
         """Whether codes are assigned with balancing biases: rqkmeans with --balanced (the RQ-VAE never)."""
@@ -64,12 +86,6 @@ class RQVAEConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "RQVAEConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_args(cls, args: Any) -> "RQVAEConfig":
-        """Fields from an argparse Namespace (or any object/dict); missing or None attributes keep defaults."""
-        src = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, Mapping) else vars(args))
-        return cls.from_dict({k: v for k, v in src.items() if v is not None})
 
     # For the CLIs (genrec.core.cli.add_dataclass_arguments): allowed values and the other accepted flag names.
     CHOICES = {"method": METHODS, "kmeans_init": KMEANS_INITS}

@@ -174,7 +174,8 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
     return sids, model, report
 
 
-def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str], args: Any = None,
+def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: Iterable[str],
+                                    cfg: RQVAEConfig | None = None,
                                     model: RQVAE | None = None, output_dir: str | os.PathLike | None = None,
                                     model_dir: str | os.PathLike | None = None,
                                     known: Mapping[int, list[int]] | None = None,
@@ -182,8 +183,8 @@ def generate_semantic_ids_on_demand(data_path: str | os.PathLike, mm_emb_ids: It
     """Load the listed creative_emb features of `data_path`, merge, train (or encode with `model`), write
     `semantic_id_dict.json` + `semantic_id_report.json` into `output_dir` (default: `data_path`) and return the IDs.
     Returns {} with a warning naming the cause when no feature can be loaded. Raises PermissionError before any
-    training when the output folder is not writable. `args`: any object or dict with RQVAEConfig fields."""
-    cfg = RQVAEConfig.from_args(args) if args is not None else RQVAEConfig()
+    training when the output folder is not writable."""
+    cfg = cfg if cfg is not None else RQVAEConfig()
     sids, model, _ = generate_semantic_ids(data_path, mm_emb_ids, cfg, model, known, output_dir, data_parallel)
     if model_dir is not None and model is not None and sids and (rdist.is_lead() or not data_parallel):
         model.save(model_dir)

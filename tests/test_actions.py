@@ -222,7 +222,7 @@ def test_inference_reads_user_action_type_and_a_bad_file_costs_only_the_conditio
 def load_ck_schema(ck: Path):
     from genrec.recommender.checkpoint import load_checkpoint
 
-    return load_checkpoint(ck)[0].schema
+    return load_checkpoint(ck).model.schema
 
 
 def test_action_blind_training_and_checkpoints_from_before_actions_rank_as_they_did(final_world, tmp_path):
@@ -236,6 +236,7 @@ def test_action_blind_training_and_checkpoints_from_before_actions_rank_as_they_
     top, _, _ = run(cfg)
     for k in ("action_embedding", "action_query"):  # config.json as written before actions existed
         del meta["model"][k]
+    meta["format_version"] = 1
     (ck / "config.json").write_text(json.dumps(meta))
     top_old, _, _ = run(InferConfig(**{**cfg.__dict__, "result_dir": str(tmp_path / "res2")}))
     assert top_old == top and any(top)

@@ -68,7 +68,23 @@ def test_train_cli_defaults_are_todays_model(tmp_path):
     TrainConfig.add_arguments(p)
     assert TrainConfig.from_args(p.parse_args([])).model == ModelConfig()
     c = TrainConfig.from_args(p.parse_args(["--use-item-id", "off", "--num_epochs", "3", "--filter-seen", "yes"]))
-    assert (c.model.use_item_id, c.epochs, c.filter_seen) == (False, 3, "true")
+    assert (c.model.use_item_id, c.epochs, c.filter_seen) == (False, 3, True)
+    assert TrainConfig.from_args(p.parse_args(["--filter_seen", "auto"])).filter_seen is None
+    assert TrainConfig.from_args(p.parse_args([])).filter_seen is None
+
+
+def test_filter_seen_is_one_type_in_training_and_at_inference():
+    """bool | None (None: auto) in both configs, and both CLIs take the same words."""
+    import typing
+
+    from evalu.infer import InferConfig, parse_args
+    from genrec.core.cli import from_namespace
+    from genrec.recommender.trainer import TrainConfig
+
+    hint = lambda cls: typing.get_type_hints(cls)["filter_seen"]  # noqa: E731
+    assert hint(TrainConfig) == hint(InferConfig) == typing.Optional[bool]
+    for word, want in (("auto", None), ("off", False), ("yes", True)):
+        assert from_namespace(InferConfig, parse_args(["--filter_seen", word])).filter_seen is want
 
 
 def _cli(args: list[str], env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -254,3 +270,26 @@ def test_allocator_tuning_applies_once_and_can_be_switched_off(monkeypatch):
         monkeypatch.setattr(alloc, "_tuned", False)
         monkeypatch.delenv("GENREC_NO_MALLOC_TUNING", raising=False)
         assert alloc.tune_allocator() is True
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_where_a_one_line_error_came_from(capsys, monkeypatch, how):
+    import argparse
+
+    from genrec.core.cli import run_cli, setup_logging
+
+    def body() -> int:
+        raise ValueError("a bad value in the data")
+
+    monkeypatch.delenv("GENREC_DEBUG", raising=False)
+    setup_logging(argparse.Namespace(debug=None, log_level="INFO", progress=None))
+    assert run_cli(body) == 1
+    err = capsys.readouterr().err
+    assert "a bad value in the data" in err and "Traceback" not in err
+    if how == "env":
+        monkeypatch.setenv("GENREC_DEBUG", "1")
+    setup_logging(argparse.Namespace(debug=how == "flag", log_level="INFO", progress=None))
+    assert run_cli(body) == 1
+    err = capsys.readouterr().err
+    assert "a bad value in the data" in err and "Traceback" in err and "in body" in err
+    setup_logging(argparse.Namespace(debug=None, log_level="INFO", progress=None))

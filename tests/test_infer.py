@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dataset import load_semantic_ids
 from evalu.infer import InferConfig, infer, main, parse_args, run
 from evalu.retrieval import topk_faiss, topk_inner_product, topk_shortlist
+from rqvae import RQVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_no_creative_emb_degrades_and_exits_zero(world, checkpoint, tmp_path, mo
         assert main([]) == 0
     from genrec.recommender.checkpoint import load_checkpoint
 
-    trained = load_checkpoint(checkpoint)[3]
+    trained = load_checkpoint(checkpoint).trained_ids
     assert f"serving the checkpoint's IDs for the {len(trained)} items it was trained with" in caplog.text
     res = json.loads((tmp_path / "res" / "result.json").read_text())
     assert len(res["top10s"]) == len(res["user"]) == 40 and all(len(t) == 10 for t in res["top10s"])
@@ -95,17 +96,35 @@ def test_no_creative_emb_degrades_and_exits_zero(world, checkpoint, tmp_path, mo
     assert rep["semantic_id"]["status"] == "failed" and rep["semantic_id"]["items"] == len(trained) > 0
 
 
-def test_generation_failure_of_any_kind_degrades(world, checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [torch.cuda.OutOfMemoryError("CUDA out of memory on every device"),
+                                     MemoryError(), OSError(28, "No space left on device")])
+def test_generation_failures_degradation_is_for_degrade(world, checkpoint, tmp_path, monkeypatch, failure):
     import evalu.semantic_bootstrap as sb
 
-    def oom(*a, **k):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory on every device")
+    def fail(*a, **k):
+        raise failure
 
-    monkeypatch.setattr(sb, "generate_semantic_ids", oom)
+    monkeypatch.setattr(sb, "generate_semantic_ids", fail)
     _, ev = world
     top, users, rep = run(_cfg(ev, checkpoint, tmp_path))
-    assert rep["semantic_id"]["status"] == "failed" and "OutOfMemoryError" in rep["semantic_id"]["warning"]
-    assert len(top) == len(users) == 40
+    assert rep["semantic_id"]["status"] == "failed" and type(failure).__name__ in rep["semantic_id"]["warning"]
+    assert len(top) == len(users) == 40 and all(len(t) == 10 for t in top)
+
+
+def test_a_bug_inside_generation_is_not_served_as_failed(world, checkpoint, tmp_path, monkeypatch, capsys):
+    """A TypeError (a refactoring slip) surfaces: exit 1 with its traceback, no result.json."""
+    import evalu.semantic_bootstrap as sb
+    from evalu.infer import main
+
+    def bug(*a, **k):
+        raise TypeError("generate_semantic_ids() got an unexpected keyword argument 'x'")
+
+    monkeypatch.setattr(sb, "generate_semantic_ids", bug)
+    _, ev = world
+    res = tmp_path / "res"
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(res)])
+    assert not (res / "result.json").exists()
 
 
 def test_corrupt_file_is_regenerated(world, checkpoint, tmp_path, caplog):
@@ -146,7 +165,7 @@ def test_model_without_rqvae_trains_a_new_one(world, checkpoint, tmp_path, caplo
     shutil.rmtree(ck / "rqvae")
     (ck / "semantic_id_dict.json").unlink()
     with caplog.at_level("WARNING"):
-        _, _, rep = run(_cfg(ev, ck, tmp_path, mm_emb_id=["81"]), {"num_epochs": 2, "codebook_size": 32})
+        _, _, rep = run(_cfg(ev, ck, tmp_path, mm_emb_id=["81"]), RQVAEConfig(num_epochs=2, codebook_size=32))
     assert rep["semantic_id"]["status"] == "trained" and "carries no RQ-VAE" in caplog.text
 
 
@@ -188,7 +207,7 @@ def test_item_with_no_features_at_all_still_gets_a_vector(world, checkpoint, tmp
     from dataset import TestDataset
     from genrec.recommender.checkpoint import load_checkpoint
 
-    model, *_ = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint).model
     ds = TestDataset(ev, schema=model.schema, maxlen=model.cfg.maxlen)
     model.items.set_store(ds.store)
     slot = ds.candidate_slots[-1]
@@ -343,9 +362,9 @@ def test_unfiltered_inference_serves_the_learnt_history_offset(world, checkpoint
     shares = {}
     for value in (-1e4, 1e4):
         def patched(d, dev, value=value):
-            m, meta, rq, ids = orig(d, dev)
-            m.seen_logit.data.fill_(value)
-            return m, meta, rq, ids
+            ck = orig(d, dev)
+            ck.model.seen_logit.data.fill_(value)
+            return ck
         infer_mod.load_checkpoint = patched
         try:
             top, _, _ = run(_cfg(ev, checkpoint, tmp_path, filter_seen=False))
@@ -440,9 +459,10 @@ def _served(ev: Path, ckpt: Path, res: Path) -> tuple[dict, dict]:
     from genrec.recommender.checkpoint import load_checkpoint
 
     _, _, rep = run(_cfg(ev, ckpt, res))
-    model, meta, rq, trained = load_checkpoint(ckpt)
-    ds = TestDataset(ev, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[res / "results"],
-                     sid_accept=id_file_check(rq, trained))
+    ck = load_checkpoint(ckpt)
+    trained = ck.trained_ids
+    ds = TestDataset(ev, schema=ck.model.schema, maxlen=ck.model.cfg.maxlen, sid_dirs=[res / "results"],
+                     sid_accept=id_file_check(ck.rqvae, trained))
     return rep["semantic_id"], {c: ds.semantic_id_dict.get(c) for c in trained}
 
 
@@ -450,7 +470,7 @@ def test_another_models_ids_are_never_served(world, checkpoint, checkpoint_b, tm
     from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
-    trained_a, trained_b = load_checkpoint(checkpoint)[3], load_checkpoint(checkpoint_b)[3]
+    trained_a, trained_b = load_checkpoint(checkpoint).trained_ids, load_checkpoint(checkpoint_b).trained_ids
     assert any(trained_a[c] != trained_b.get(c) for c in trained_a)  # the two RQ-VAEs do differ
     boot, served = _served(ev, checkpoint, tmp_path / "ra")
     assert boot["status"] == "encoded" and (ev / "semantic_id_dict.json").is_file()  # A's IDs land in the data dir
@@ -471,7 +491,7 @@ def test_ids_of_unknown_origin_are_served_only_when_they_agree(world, checkpoint
     from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
-    trained = load_checkpoint(checkpoint)[3]
+    trained = load_checkpoint(checkpoint).trained_ids
     run(_cfg(ev, checkpoint, tmp_path / "r0"))
     (ev / "semantic_id_report.json").unlink()  # origin unknown from now on
     boot, served = _served(ev, checkpoint, tmp_path / "r1")
@@ -503,7 +523,7 @@ def test_a_broken_rqvae_in_the_checkpoint_degrades_to_its_trained_ids(world, che
     else:
         sh.rmtree(rq)
         rq.mkdir()
-    trained = load_checkpoint(checkpoint)[3]
+    trained = load_checkpoint(checkpoint).trained_ids
     with caplog.at_level("WARNING"):
         assert main(["--data_dir", str(ev), "--model_dir", str(ck), "--result_dir", str(tmp_path / "r")]) == 0
     rep = json.loads((tmp_path / "r" / "infer_report.json").read_text())
@@ -587,10 +607,26 @@ def test_bootstrap_reuses_the_trained_ids_exactly(world, checkpoint, tmp_path):
     _, ev = world
     ck = tmp_path / "ck"
     sh.copytree(checkpoint, ck)
-    trained = load_checkpoint(ck)[3]
+    trained = load_checkpoint(ck).trained_ids
     altered = {c: [(v + 17) % 256 for v in codes] for c, codes in trained.items()}
     save_semantic_ids(ck / "semantic_id_dict.json", altered)
     boot, served = _served(ev, ck, tmp_path / "r")
     assert boot["status"] == "encoded" and boot["generation"]["reused_ids"] == len(altered)
     assert served == altered
 
+
+
+@pytest.mark.parametrize("flags, name", [(["--commitment_cost", "nan"], "--commitment_cost"),
+                                         (["--hidden_dims", "0"], "--hidden_dims"),
+                                         (["--kmeans_sample", "0"], "--kmeans_sample"),
+                                         (["--num_quantizers", "5"], "--num_quantizers"),
+                                         (["--codebook_size", "512"], "--codebook_size")])
+def test_impossible_rqvae_settings_stop_inference_before_any_work(world, checkpoint, tmp_path, capsys, flags, name):
+    """Exit 2 and one line; no results folder, no IDs file written into the data dir."""
+    _, ev = world
+    before = sorted(p.name for p in ev.iterdir())
+    res = tmp_path / "res"
+    assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(res), *flags]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+    assert not res.exists() and sorted(p.name for p in ev.iterdir()) == before

@@ -158,7 +158,7 @@ def test_training_writes_its_own_ids_to_the_checkpoint_only(world, tmp_path):
     assert set(meta["train"]["validation"]) == {"unfiltered", "filtered"}
 
 
-@pytest.mark.parametrize("rule, expect", [("true", True), ("false", False)])
+@pytest.mark.parametrize("rule, expect", [(True, True), ("false", False)])  # the flag's word works too
 def test_forced_filter_rule_is_recorded(world, tmp_path, rule, expect):
     train_dir, _ = world
     ck = train(TrainConfig(data_dir=str(train_dir), output_dir=str(tmp_path / "ck"), epochs=1, filter_seen=rule,
@@ -219,8 +219,11 @@ def test_item_bias_is_part_of_the_retrieval_score(world):
 
 
 def test_checkpoints_of_the_first_version_load_as_they_were_trained():
-    """A config.json written before a field existed takes that field's first-version value, not today's default."""
-    old = ModelConfig.from_dict({"hidden": 16, "num_negatives": 512})
+    """A version-1 config.json written before a field existed takes that field's first-version value (through the
+    checkpoint's migration), not today's default."""
+    from genrec.recommender.checkpoint import migrate
+
+    old = ModelConfig.from_dict(migrate({"model": {"hidden": 16, "num_negatives": 512}})["model"])
     assert (old.sid_embedding, old.item_bias, old.history_bias, old.logq) == ("level", False, False, False)
     assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
 

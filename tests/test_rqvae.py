@@ -326,16 +326,17 @@ def test_an_rqkmeans_saved_before_pca_loads_as_it_was_made(tmp_path):
 
 
 def test_boolean_flags_turn_both_ways():
-    from genrec.core.cli import FlagParser, add_dataclass_arguments
+    from genrec.core.cli import FlagParser, add_dataclass_arguments, from_namespace
 
     p = FlagParser()
     add_dataclass_arguments(p, RQVAEConfig)
-    assert RQVAEConfig.from_args(p.parse_args([])).balanced is True
-    assert RQVAEConfig.from_args(p.parse_args(["--no-balanced"])).balanced is False
-    assert RQVAEConfig.from_args(p.parse_args(["--balanced", "off"])).balanced is False
-    assert RQVAEConfig.from_args(p.parse_args(["--dedup"])).dedup is True
-    assert RQVAEConfig.from_args(p.parse_args(["--epochs", "3"])).num_epochs == 3  # train.py's name is accepted
-    assert RQVAEConfig.from_args(p.parse_args(["--hidden-dims", "64", "32"])).hidden_dims == (64, 32)
+    cfg = lambda argv: from_namespace(RQVAEConfig, p.parse_args(argv))  # noqa: E731
+    assert cfg([]).balanced is True
+    assert cfg(["--no-balanced"]).balanced is False
+    assert cfg(["--balanced", "off"]).balanced is False
+    assert cfg(["--dedup"]).dedup is True
+    assert cfg(["--epochs", "3"]).num_epochs == 3  # train.py's name is accepted
+    assert cfg(["--hidden-dims", "64", "32"]).hidden_dims == (64, 32)
 
 
 def test_dedup_ranks_codes_like_the_plain_distance_in_chunks():
@@ -518,3 +519,31 @@ def test_row_min_is_torch_min_exactly():
         got = nearest(x, c, chunk=chunk)
         assert torch.equal(got[0], ref[0]) and torch.allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)  # BLAS blocking
     assert not (ref[0] == 7).any()
+
+
+@pytest.mark.parametrize("field, value", [("commitment_cost", float("nan")), ("lr", float("inf")), ("lr", 0.0),
+                                          ("hidden_dims", (0,)), ("hidden_dims", ()), ("kmeans_sample", 0),
+                                          ("kmeans_sample", 100), ("codebook_size", 0), ("kmeans_iters", 0),
+                                          ("num_quantizers", True), ("pca_dim", -1)])
+def test_impossible_settings_are_refused_naming_the_flag(field, value):
+    from genrec.core.cli import CliError
+
+    with pytest.raises(CliError, match=f"--{field}"):
+        RQVAEConfig(**{field: value})
+
+
+def test_train_rqvae_refuses_impossible_settings_before_any_work(tmp_path, capsys):
+    import train_rqvae
+
+    (tmp_path / "creative_emb").mkdir()
+    assert train_rqvae.main(["--data_dir", str(tmp_path), "--kmeans_sample", "0"]) == 2
+    assert "--kmeans_sample" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["creative_emb"]
+
+
+def test_train_rqvae_reads_train_data_path_and_writes_beside_the_data(monkeypatch):
+    import train_rqvae
+
+    monkeypatch.setenv("TRAIN_DATA_PATH", "/data/x")
+    a = train_rqvae.parse_args([])
+    assert a.data_dir == "/data/x" and a.output_dir == "/data/x"

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 import types
 import typing
 from typing import Any, Callable, Iterable, Mapping, NoReturn
@@ -17,7 +18,8 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 class CliError(ValueError):
-    """A wrong flag value, env var or path, found before any work: one line to the user, exit status 2."""
+    """A wrong setting (flag value, env var, path or config field), found before any work: one line to the user,
+    exit status 2."""
 
     exit_code = 2
 
@@ -57,6 +59,11 @@ def _bool_type(text: str) -> bool:
         return parse_bool(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _auto_bool_type(text: str) -> bool | None:
+    """A boolean word, or `auto` (None: the setting decides itself)."""
+    return None if str(text).strip().lower() == "auto" else _bool_type(text)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -111,10 +118,12 @@ class FlagParser(argparse.ArgumentParser):
 
 def add_bool(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool | None,
              help: str = "", dest: str | None = None) -> None:
-    """`--name` (true), `--name BOOL` and `--no_name` (false); the parsed value stays None when not given."""
+    """`--name` (true), `--name BOOL` and `--no_name` (false); the parsed value stays None when not given. A
+    setting whose default is None (it decides itself) also takes `auto` (None)."""
     dest = dest or name
-    shown = "" if default is None else f" (default {'true' if default else 'false'})"  # None: `help` says it
-    p.add_argument(f"--{name}", dest=dest, type=_bool_type, nargs="?", const=True, default=None, metavar="BOOL",
+    shown = " or auto (default)" if default is None else f" (default {'true' if default else 'false'})"
+    p.add_argument(f"--{name}", dest=dest, type=_auto_bool_type if default is None else _bool_type, nargs="?",
+                   const=True, default=None, metavar="BOOL",
                    help=f"{help + '; ' if help else ''}true/false, yes/no, on/off, 1/0{shown}")
     p.add_argument(f"--no_{name}", dest=dest, action="store_const", const=False, help=f"same as --{name} false")
 
@@ -205,16 +214,28 @@ def progress_disabled() -> bool | None:
 
 
 def add_logging_arguments(p: argparse.ArgumentParser) -> None:
-    add_bool(p, "progress", None, "progress bars (default: only when stderr is a terminal)")
+    add_bool(p, "progress", None, "progress bars (auto: only when stderr is a terminal)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="default INFO; logs go to stderr")
+                   help="default INFO; logs go to stderr; DEBUG adds the traceback of every error and degradation")
+    add_bool(p, "debug", False, "same as --log_level DEBUG (env GENREC_DEBUG)")
+
+
+def debug_enabled(ns: argparse.Namespace | None = None) -> bool:
+    """--debug, or GENREC_DEBUG set true: tracebacks of one-line errors and degradations are logged."""
+    if getattr(ns, "debug", None):
+        return True
+    try:
+        return env_bool("GENREC_DEBUG", False)
+    except CliError as e:  # a wrong value must not cost the run its error message
+        print(f"warning: {e}; taken as false", file=sys.stderr)
+        return False
 
 
 def setup_logging(ns: argparse.Namespace | None = None) -> None:
     """Logs to stderr (through tqdm, so a bar never splits a log line), progress bars as asked."""
     global _progress
     _progress = getattr(ns, "progress", None)
-    level = getattr(ns, "log_level", "INFO") or "INFO"
+    level = "DEBUG" if debug_enabled(ns) else (getattr(ns, "log_level", "INFO") or "INFO")
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -241,16 +262,21 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def _say(message: str) -> None:
+    log = logging.getLogger("cli")
+    if log.isEnabledFor(logging.DEBUG) and logging.getLogger().handlers:
+        log.debug("where it came from:", exc_info=True)
+    elif debug_enabled():
+        traceback.print_exc()
     if logging.getLogger().handlers:
-        logging.getLogger("cli").error("%s", message)
+        log.error("%s", message)
     else:
         print(f"error: {message}", file=sys.stderr)
 
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run a CLI's body: a wrong flag value, env var or path found before any work (an error with exit_code 2,
-    such as CliError) is one line and exit 2; another ValueError/OSError/ImportError is one line and exit 1.
-    Anything else is a bug and keeps its traceback."""
+    such as CliError) is one line and exit 2; another ValueError/OSError/ImportError is one line and exit 1 (its
+    traceback logged at DEBUG: --debug or GENREC_DEBUG=1). Anything else is a bug and keeps its traceback."""
     try:
         return main()
     except (OSError, ValueError, ImportError) as e:

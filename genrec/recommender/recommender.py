@@ -72,15 +72,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """From a checkpoint's config: a field it lacks was written by an older version and takes that version's
-        behaviour (LEGACY), so its weights load and rank as before; other missing fields take the defaults."""
+        """From a dict of fields (a checkpoint's, migrated: see checkpoint.migrate); missing ones take the
+        defaults, unknown ones are ignored."""
         names = {f.name for f in fields(cls)}
-        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in names}})
-
-
-# What a checkpoint that does not name these fields was trained with (the first version's model).
-LEGACY = {"sid_embedding": "level", "item_bias": False, "history_bias": False, "logq": False,
-          "action_embedding": False, "action_query": False}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def expected_negatives(target: torch.Tensor, n: int, k_random: int, n_items: int, k_inbatch: int) -> torch.Tensor:

@@ -35,7 +35,6 @@ from .sid_embedding import PrefixVocab
 
 log = logging.getLogger(__name__)
 
-FILTER_RULES = ("auto", "true", "false")
 
 
 def parse_target_weights(text: str) -> dict[int, float]:
@@ -82,7 +81,7 @@ class TrainConfig:
     sid_method: str = "rqvae"  # how IDs are made when the data dir has none: rqvae | rqkmeans (RQVAEConfig.method)
     # Validation rule, and what infer.py does by default: "true" ranks without the items of the user's history,
     # "false" ranks every item, "auto" keeps the best epoch under each rule and then the rule that validates better.
-    filter_seen: str = "auto"
+    filter_seen: bool | None = None  # None (auto): whichever rule validates better
     # Sequences longer than maxlen + 1 train on a window ending at a random position each epoch (false: always
     # the last window, and the items before it are never a training target).
     random_window: bool = True
@@ -97,8 +96,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sid_method not in METHODS:
             raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
-        if self.filter_seen not in FILTER_RULES:
-            raise ValueError(f"filter_seen must be one of {FILTER_RULES}, got {self.filter_seen!r}")
+        if isinstance(self.filter_seen, str):  # the Python API may say it as the flag does
+            try:
+                self.filter_seen = None if self.filter_seen.strip().lower() == "auto" else parse_bool(self.filter_seen)
+            except ValueError as e:
+                raise ValueError(f"filter_seen: {e}, or auto") from None
+        if self.filter_seen not in (None, True, False):
+            raise ValueError(f"filter_seen must be true, false or None (auto), got {self.filter_seen!r}")
         parse_target_weights(self.target_weights)
 
     def model_config(self) -> ModelConfig:
@@ -139,18 +143,8 @@ class TrainConfig:
         """train.py's flags: this config's fields and the model's, one flag each (data/output dirs aside)."""
         taken = {"data_dir", "output_dir"}
         add_dataclass_arguments(p, cls, skip={"model"}, taken=taken,
-                                types={"filter_seen": filter_rule, "target_weights": _weights_arg})
+                                types={"target_weights": _weights_arg})
         add_dataclass_arguments(p, ModelConfig, taken=taken)
-
-
-def filter_rule(text: str) -> str:
-    """--filter_seen's value: auto, or any boolean word (true/false, yes/no, on/off, 1/0)."""
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    try:
-        return "true" if parse_bool(text) else "false"
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or a boolean (true/false, yes/no, on/off, 1/0)") from None
 
 
 @torch.no_grad()
@@ -261,8 +255,8 @@ def train(cfg: TrainConfig) -> Path:
              "action-blind (--use_actions false): every next item a target of weight 1")
     weights = cfg.action_weights()
     weights = weights.to(device) if weights is not None else None
-    rules = ("unfiltered", "filtered") if cfg.filter_seen == "auto" else \
-        (("filtered",) if cfg.filter_seen == "true" else ("unfiltered",))
+    rules = ("unfiltered", "filtered") if cfg.filter_seen is None else \
+        (("filtered",) if cfg.filter_seen else ("unfiltered",))
     best = {r: (-1.0, None, {}) for r in rules}  # rule -> (score, state, metrics)
     history = []
     for epoch in range(1, cfg.epochs + 1):
@@ -292,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     if best[rule][1] is not None:
         model.load_state_dict(best[rule][1])
     filter_seen = rule == "filtered"
-    if cfg.filter_seen == "auto":
+    if cfg.filter_seen is None:
         log.info("history filtering %s: best validation score %.4f filtered vs %.4f unfiltered",
                  "on" if filter_seen else "off", best["filtered"][0], best["unfiltered"][0])
     info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
