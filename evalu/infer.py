@@ -163,7 +163,9 @@ def _demo_paths(cfg: InferConfig) -> InferConfig:
 def _find_checkpoint(model_dir: Path) -> Path:
     if is_checkpoint(model_dir):
         return model_dir
-    subs = [d for d in model_dir.iterdir() if d.is_dir() and is_checkpoint(d)] if model_dir.is_dir() else []
+    # hidden folders are work in progress (a training's staging folder, a save being written): never served
+    subs = [d for d in model_dir.iterdir() if d.is_dir() and not d.name.startswith(".") and is_checkpoint(d)] \
+        if model_dir.is_dir() else []
     if not subs:
         raise FileNotFoundError(f"no checkpoint (model.pt + config.json) in {model_dir} or its subfolders")
     return max(subs, key=lambda d: (d / "config.json").stat().st_mtime)

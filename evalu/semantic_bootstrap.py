@@ -12,19 +12,18 @@ is a bug and surfaces.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import torch
 
 from dataset import TestDataset, load_mm_emb
 from dataset.semantic_ids import read_origin
+from genrec.core.lock import file_lock
 from genrec.core.safeio import DataFormatError, is_writable_dir
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 
@@ -68,20 +67,13 @@ class BootstrapResult:
     rejected: dict[str, str] = field(default_factory=dict)  # IDs files not used (another model's), and why
 
 
-@contextmanager
-def _file_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock beside the IDs file, so two processes never generate into the same folder at once."""
-    try:
-        fh = open(folder / ".semantic_id_dict.json.lock", "a")
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+LOCK_FILE = ".semantic_id_dict.json.lock"
+
+
+def _file_lock(folder: Path) -> ContextManager[None]:
+    """Exclusive lock beside the IDs file, so two processes never generate into the same folder at once (waits
+    at most $GENREC_LOCK_TIMEOUT seconds, then the bootstrap degrades)."""
+    return file_lock(folder / LOCK_FILE, "generating semantic IDs")
 
 
 def _output_dir(ds: TestDataset, result_dir: Path) -> Path:
@@ -93,24 +85,27 @@ def _output_dir(ds: TestDataset, result_dir: Path) -> Path:
 
 def id_file_check(rqvae: RQVAE | None, trained_ids: Mapping[int, list[int]]
                   ) -> Callable[[Path, dict[int, list[int]]], str | None]:
-    """The test an IDs file must pass to be served with a checkpoint (TestDataset's `sid_accept`): made by the
-    checkpoint's RQ-VAE (its fingerprint in the report beside the file), or, origin unknown, agreeing with the
-    IDs the model was trained with on the items they share. Returns why a file fails, or None."""
+    """The test an IDs file must pass to be served with a checkpoint (TestDataset's `sid_accept`): not made by
+    another RQ-VAE (the fingerprint in the report beside the file), and agreeing with the IDs the model was
+    trained with on every item they share (a file of unknown origin must share some). Returns why a file fails,
+    or None."""
     fingerprint = rqvae.fingerprint() if rqvae is not None else None
 
     def check(path: Path, ids: dict[int, list[int]]) -> str | None:
         origin = read_origin(path)
-        if origin is not None and fingerprint is not None:
-            return None if origin == fingerprint else (
-                f"made by another RQ-VAE (fingerprint {origin}; the checkpoint's is {fingerprint})")
+        known = origin is not None and fingerprint is not None
+        if known and origin != fingerprint:
+            return f"made by another RQ-VAE (fingerprint {origin}; the checkpoint's is {fingerprint})"
         if not trained_ids:
             return None  # nothing to compare with: the model was trained without IDs of its own
         shared = [c for c in trained_ids if c in ids]
-        if not shared:
+        if not shared and not known:
             return "of unknown origin and shares no item with the checkpoint's IDs"
         wrong = sum(ids[c] != list(trained_ids[c]) for c in shared)
-        return f"of unknown origin and disagrees with the checkpoint's IDs on {wrong} of {len(shared)} items" \
-            if wrong else None
+        if wrong:  # even under the right fingerprint: the codes themselves must agree
+            return f"{'made by the checkpoint' + chr(39) + 's RQ-VAE' if known else 'of unknown origin'} but " \
+                   f"disagrees with the checkpoint's IDs on {wrong} of {len(shared)} items"
+        return None
 
     return check
 

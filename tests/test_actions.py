@@ -147,6 +147,7 @@ def test_the_query_follows_the_history_actions_and_the_target_action(world):
     assert torch.equal(qb, blind.query(seq, us, ua, flipped, conv))  # the action-blind model ignores both
 
 
+@pytest.mark.slow
 def test_target_weights_flag_is_checked(tmp_path):
     assert parse_target_weights("0:0,1:1,2:2.5") == {0: 0.0, 1: 1.0, 2: 2.5}
     assert parse_target_weights("2:4") == {0: 1.0, 1: 1.0, 2: 4.0}

@@ -105,6 +105,7 @@ def test_ml100k_merge_concatenates_seeds(bench_path, tmp_path, capsys):
     assert stop.value.code == 2 and err.count("\n") == 1 and "runs of different models" in err
 
 
+@pytest.mark.slow
 def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
     import subprocess
 

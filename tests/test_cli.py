@@ -101,6 +101,7 @@ def _one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) ->
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_one_line_in_every_cli(world, checkpoint, tmp_path):
     tr, ev = world

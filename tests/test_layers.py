@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # layer -> the layers of ours it may import (besides itself)
@@ -70,6 +72,7 @@ def _loaded_after(code: str) -> list[str]:
     return [m for m in out if m.split(".")[0] in OURS]
 
 
+@pytest.mark.slow
 def test_the_quantizer_core_imports_no_data_layer_module():
     loaded = _loaded_after("import rqvae.quantizer, rqvae")
     assert "rqvae.quantizer" in loaded
@@ -77,6 +80,7 @@ def test_the_quantizer_core_imports_no_data_layer_module():
                 or m == "rqvae.generate"], loaded
 
 
+@pytest.mark.slow
 def test_the_plumbing_imports_nothing_else_of_ours():
     loaded = _loaded_after("import genrec.core.cli, genrec.core.safeio, genrec.core.alloc, genrec.core.device, "
                            "genrec.core.dist")

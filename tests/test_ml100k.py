@@ -23,7 +23,7 @@ def test_converter_writes_a_competition_directory(tmp_path):
     labels = load_labels(out / "labels.jsonl")
     assert len(labels) == 40
     idx = load_pickle(out / "indexer.pkl")
-    assert all(c > CID_OFFSET for c in idx["i"])
+    assert idx["i"] and all(c > CID_OFFSET for c in idx["i"])
     emb_dir = out / "creative_emb" / "emb_81_384"
     first = json.loads((emb_dir / "part-00000").read_text().splitlines()[0])
     assert len(first["emb"]) == 384 and abs(sum(v * v for v in first["emb"]) - 1) < 1e-3  # MiniLM is normalised
@@ -36,6 +36,7 @@ def test_converter_writes_a_competition_directory(tmp_path):
     train_items = {int(train.store.creative[s]) for i in range(len(train)) for s in train[i]["seq"].tolist() if s}
     assert not train_items & cold
     # leave-one-out by time: each target is the user's last rating, never in the history given to the model
+    assert len(test.users) == 40
     for u, h in zip(test.users, test.histories):
         assert labels[u][0] not in set(test.store.creative[h].tolist())
 

@@ -140,6 +140,7 @@ def test_scan_counts_repeats_and_keeps_whole_histories(tmp_path):
     assert 0.5 < stats.repeat_rate <= 1.0  # 40 items, 30+ interactions per user: most next items repeat
     val = stats.validation
     assert val["history"].shape[1] > 5  # the whole history, not the model's window of 5
+    assert len(val["target"]) > 0
     for h, t, s in zip(val["history"], val["target"], val["seq"]):
         assert set(s[s > 0].tolist()) <= set(h.tolist())
 

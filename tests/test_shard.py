@@ -50,6 +50,7 @@ def _fresh(world, tmp_path: Path, name: str) -> Path:
     return ev
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process_and_make_the_ids_once(world, checkpoint, tmp_path):
     want = _single(_fresh(world, tmp_path, "ev1"), checkpoint, tmp_path / "r1")
     ev = _fresh(world, tmp_path, "ev2")
@@ -68,6 +69,7 @@ def test_torchrun_two_ranks_equal_one_process_and_make_the_ids_once(world, check
     assert r.stderr.count("no semantic_id found, trying to generate") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_degrade_together_when_ids_cannot_be_made(world, checkpoint, tmp_path):
     ev = _fresh(world, tmp_path, "ev")
     shutil.rmtree(ev / "creative_emb")
@@ -155,6 +157,7 @@ def _torchrun_script(tmp_path: Path, code: str, *args: str) -> subprocess.Comple
                            str(script), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
 
 
+@pytest.mark.slow
 def test_data_parallel_rqvae_ranks_end_with_the_same_codebooks(tmp_path):
     r = _torchrun_script(tmp_path, FIT.format(root=str(ROOT), out=str(tmp_path)))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,6 +165,7 @@ def test_data_parallel_rqvae_ranks_end_with_the_same_codebooks(tmp_path):
     assert ranks[0]["fp"] == ranks[1]["fp"] and ranks[0]["world"] == 2  # weights, codebooks, EMA state: all equal
 
 
+@pytest.mark.slow
 def test_torchrun_train_rqvae_and_train_write_once(world, tmp_path):
     tr, ev = world
     launch = "import sys\nsys.path.insert(0, {root!r})\nimport {mod}\nsys.exit({mod}.main(sys.argv[1:]))\n"
@@ -188,6 +192,7 @@ def test_torchrun_train_rqvae_and_train_write_once(world, tmp_path):
     assert main(["--data_dir", str(ev), "--model_dir", str(tmp_path / "ck"), "--result_dir", str(tmp_path / "r")]) == 0
 
 
+@pytest.mark.slow
 def test_torchrun_a_failure_on_one_rank_stops_all_with_one_line_each(world, checkpoint, tmp_path):
     ev = _fresh(world, tmp_path, "ev")
     script = tmp_path / "launch1.py"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -137,15 +138,27 @@ def write_checkpoint(d: Path, model: Recommender, info: Mapping[str, Any], rqvae
         rqvae.save(d / RQVAE_DIR)
     elif (d / RQVAE_DIR).exists():
         shutil.rmtree(d / RQVAE_DIR)
+    parts: dict[str, str] = {}
     if semantic_ids:
         save_semantic_ids(d / SEMANTIC_ID_FILE, semantic_ids)
+        parts[SEMANTIC_ID_FILE] = _sha256(d / SEMANTIC_ID_FILE)
     else:
         (d / SEMANTIC_ID_FILE).unlink(missing_ok=True)
+    if rqvae is not None:
+        parts[RQVAE_DIR] = rqvae.fingerprint()
     write_json(d / CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),
                                  "schema": model.schema.to_dict(),
                                  "rqvae": {"features": rqvae_features} if rqvae is not None else None,
-                                 "train": dict(info)})
+                                 "parts": parts, "train": dict(info)})
     return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(directory: str | os.PathLike, model: Recommender, info: Mapping[str, Any],
@@ -182,6 +195,9 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         log.debug("%s", d / MODEL_FILE, exc_info=True)
         raise ValueError(f"{d / MODEL_FILE}: cannot load the model's weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); retrain or restore it") from None
+    # The parts config.json names (version 2 on) must be the ones it was written with: a part changed by anything
+    # else (an interrupted copy, another run writing into the folder) is not served.
+    parts = meta.get("parts") if isinstance(meta.get("parts"), dict) else {}
     rq = None
     if meta.get("rqvae") and (d / RQVAE_DIR).is_dir():
         try:
@@ -190,10 +206,26 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
             log.debug("%s", d / RQVAE_DIR, exc_info=True)
             log.warning("%s: the checkpoint's RQ-VAE cannot be loaded (%s: %s); new items get no semantic IDs from "
                         "it", d / RQVAE_DIR, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if rq is not None and parts.get(RQVAE_DIR) not in (None, rq.fingerprint()):
+            log.warning("%s is not the RQ-VAE this checkpoint was written with (fingerprint %s, config.json says %s): "
+                        "not used; new items get no semantic IDs from it", d / RQVAE_DIR, rq.fingerprint(),
+                        parts[RQVAE_DIR])
+            rq = None
     sids: dict[int, list[int]] = {}
-    if (d / SEMANTIC_ID_FILE).is_file():
+    path = d / SEMANTIC_ID_FILE
+    if model.cfg.use_semantic_ids and (SEMANTIC_ID_FILE in parts or path.exists()):
+        why = None
         try:
-            sids, _ = load_semantic_ids(d / SEMANTIC_ID_FILE, schema.sid_levels, schema.sid_codebook)
+            if SEMANTIC_ID_FILE in parts and _sha256(path) != parts[SEMANTIC_ID_FILE]:
+                why = "changed since the checkpoint was written"
+            else:
+                sids, _ = load_semantic_ids(path, schema.sid_levels, schema.sid_codebook)
+        except FileNotFoundError:
+            why = "missing"
         except (ValueError, OSError) as e:
-            log.warning("%s", e)
+            why = f"unreadable ({e})"
+        if why:
+            sids = {}
+            log.warning("%s, the semantic IDs the model was trained with, is %s: the training items are served "
+                        "without them unless a file of the checkpoint's RQ-VAE is found", path, why)
     return Checkpoint(d, model.to(device).eval(), meta, rq, sids)

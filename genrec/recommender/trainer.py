@@ -3,6 +3,11 @@
 Semantic IDs: the training dir's `semantic_id_dict.json` is used when present (with the RQ-VAE files beside it,
 if any); otherwise an RQ-VAE is trained on the spot. Either way the checkpoint carries the IDs and the RQ-VAE,
 so inference encodes new items with the same codebooks.
+
+Nothing is written into the output folder until the end: the run works in a sibling staging folder (its IDs, its
+RQ-VAE, after each epoch the best-so-far checkpoint and the training state: model, optimiser, random streams,
+epoch), which replaces the output folder in one rename when training ends. An interrupted run leaves the old
+checkpoint as it was; `--resume` continues it from its last finished epoch.
 """
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ import argparse
 import copy
 import json
 import logging
+import math
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,15 +30,16 @@ from tqdm import tqdm
 
 from dataset import TrainDataset
 from dataset.datasets import ACTION_NAMES
-from genrec.core.cli import add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
-from genrec.core.safeio import is_writable_dir
-from .metrics import rank_metrics, target_ranks, target_weights
+from genrec.core import dist as rdist
+from genrec.core.cli import CliError, add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
+from genrec.core.device import resolve_device
+from genrec.core.lock import file_lock
+from genrec.core.safeio import atomic_open, is_writable_dir
 from rqvae import RQVAE, RQVAEConfig, generate_semantic_ids
 from rqvae.config import METHODS
-from genrec.core import dist as rdist
-from genrec.core.device import resolve_device
 
-from .checkpoint import save_checkpoint
+from .checkpoint import publish, staging_dir, write_checkpoint
+from .metrics import rank_metrics, target_ranks, target_weights
 from .recommender import ModelConfig, Recommender
 from .sid_embedding import PrefixVocab
 
@@ -91,9 +101,20 @@ class TrainConfig:
     # Weight of each next item in the loss by its action (exposure 0, click 1, conversion 2; unknown takes the
     # exposure's): the task ranks the next click or conversion, and most of the log is exposures.
     target_weights: str = "0:0.1,1:1,2:2.5"
+    # Continue the interrupted run whose state is in the output folder's staging folder (same settings; more
+    # epochs allowed).
+    resume: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CliError(f"--{name} {v!r}: must be a whole number >= 1")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise CliError(f"--{name} {v!r}: must be a finite number " + ("> 0" if name == "lr" else ">= 0"))
         if self.sid_method not in METHODS:
             raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
         if isinstance(self.filter_seen, str):  # the Python API may say it as the flag does
@@ -136,7 +157,9 @@ class TrainConfig:
             "sid_method": "how new semantic IDs are made when the data dir has none",
             "use_actions": "use the log's actions (false: the action-blind model, every next item a target of weight 1)",
             "target_weights": "loss weight of next items by action, ACTION:WEIGHT pairs (0 exposure, 1 click, "
-                              "2 conversion; unknown actions take the exposure's)"}
+                              "2 conversion; unknown actions take the exposure's)",
+            "resume": "continue the interrupted run kept in the output folder's staging folder (.NAME.staging beside "
+                      "it): same settings, more epochs allowed"}
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
@@ -177,9 +200,10 @@ def evaluate(model: Recommender, val: dict[str, torch.Tensor], device: torch.dev
     return out
 
 
-def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
+def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device, stage: Path
                   ) -> tuple[RQVAE | None, list[str] | None]:
-    """Make sure the training items have semantic IDs; return the RQ-VAE behind them (when known)."""
+    """Make sure the training items have semantic IDs; return the RQ-VAE behind them (when known). IDs made here
+    go to the staging folder `stage` (a resumed run finds them there)."""
     feats = [str(f) for f in (cfg.sid_mm_emb_id or cfg.model.mm_emb_id)]
     if ds.semantic_id_dict:
         src = ds.semantic_id_path.parent
@@ -189,7 +213,13 @@ def _semantic_ids(ds: TrainDataset, cfg: TrainConfig, device: torch.device
         log.warning("no RQ-VAE beside %s: inference cannot encode new items with the same codebooks",
                     ds.semantic_id_path)
         return None, None
-    out = Path(cfg.output_dir)  # never the data dir: every run (every seed) makes its own IDs
+    if (stage / SID_FILE).is_file() and (stage / RQVAE.MODEL_FILE).is_file():  # a resumed run's own
+        ds.sid_dirs.append(stage)
+        ds.rebuild()
+        if ds.semantic_id_dict:
+            log.info("loaded semantic_id for %d items made by the interrupted run", len(ds.semantic_id_dict))
+            return RQVAE.load(stage, device), _features_of(stage, feats)
+    out = stage  # never the data dir: every run (every seed) makes its own IDs
     log.info("no semantic_id found, training an RQ-VAE on features %s", feats)
     rq_cfg = RQVAEConfig(device=str(device), seed=cfg.seed, method=cfg.sid_method)
     sids, rq, _ = generate_semantic_ids(ds.data_dir, feats, rq_cfg, output_dir=out, data_parallel=rdist.world() > 1)
@@ -212,19 +242,78 @@ def _features_of(rq_dir: Path, default: list[str]) -> list[str]:
         return default
 
 
+STATE_FILE, SID_FILE = "train_state.pt", "semantic_id_dict.json"
+
+
+def _settings(cfg: TrainConfig) -> dict:
+    """What a resumed run must share with the interrupted one (epochs may grow; workers and device may change)."""
+    d = asdict(cfg)
+    for k in ("epochs", "resume", "num_workers", "device", "output_dir"):
+        d.pop(k)
+    d["data_dir"] = str(Path(cfg.data_dir).resolve())
+    return json.loads(json.dumps(d))  # tuples -> lists, as read back
+
+
+def _load_state(stage: Path, cfg: TrainConfig) -> dict:
+    path = stage / STATE_FILE
+    if not path.is_file():
+        raise CliError(f"--resume: no interrupted run to continue ({path} not found)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = json.loads(state["settings"])
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: one line whatever is wrong with them
+        log.debug("%s", path, exc_info=True)
+        raise CliError(f"--resume: {path} cannot be read ({type(e).__name__}); train without --resume") from None
+    ours = _settings(cfg)
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        raise CliError(f"--resume: the interrupted run used other settings ({', '.join(diff)}); give the same "
+                       f"flags, or train without --resume")
+    if state["epoch"] >= cfg.epochs:
+        raise CliError(f"--resume: the interrupted run already finished {state['epoch']} epochs; ask for more "
+                       f"(--epochs)")
+    return state
+
+
+def _save_state(stage: Path, cfg: TrainConfig, epoch: int, model: Recommender, opt: torch.optim.Optimizer,
+                gen: torch.Generator, best: dict, history: list) -> None:
+    with atomic_open(stage / STATE_FILE, "wb") as f:
+        torch.save({"epoch": epoch, "settings": json.dumps(_settings(cfg)), "model": model.state_dict(),
+                    "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "best": {r: {"score": b[0], "state": b[1], "metrics": json.dumps(b[2])} for r, b in best.items()
+                             if b[1] is not None},
+                    "history": json.dumps(history)}, f)
+
+
 @torch.enable_grad()
 def train(cfg: TrainConfig) -> Path:
-    """Train and write the checkpoint folder; returns its path."""
+    """Train and write the checkpoint folder; returns its path. Under torchrun every rank calls this; rank 0
+    writes, holding the output folder's lock (a second training into it waits, then gives up)."""
+    out = Path(cfg.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not is_writable_dir(out.parent) or (out.exists() and not is_writable_dir(out)):
+        raise PermissionError(f"output dir {out} is not writable")
+    if not rdist.is_lead():
+        return _train(cfg, out, staging_dir(out))
+    with file_lock(out.parent / f".{out.name}.lock", f"training into {out}"):
+        return _train(cfg, out, staging_dir(out))
+
+
+def _train(cfg: TrainConfig, out: Path, stage: Path) -> Path:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
-    out = Path(cfg.output_dir)
-    if not is_writable_dir(out):
-        raise PermissionError(f"output dir {out} is not writable")
+    state = _load_state(stage, cfg) if cfg.resume else None
+    if rdist.is_lead() and state is None:
+        if stage.exists():
+            log.warning("%s holds an interrupted run: starting afresh (train.py --resume continues it)", stage)
+            shutil.rmtree(stage)
+        stage.mkdir()
+    rdist.barrier()
     mc = cfg.model_config()
     ds = TrainDataset(cfg.data_dir, mm_emb_ids=mc.mm_emb_id, maxlen=mc.maxlen, random_window=cfg.random_window)
-    rq, rq_feats = _semantic_ids(ds, cfg, device) if mc.use_semantic_ids else (None, None)
+    rq, rq_feats = _semantic_ids(ds, cfg, device, stage) if mc.use_semantic_ids else (None, None)
     log.info("training on %d users, %d items, semantic-ID coverage %.1f%%", len(ds), ds.schema.num_items,
              100 * ds.semantic_id_coverage)
     schema, vocab = ds.schema, None
@@ -258,8 +347,44 @@ def train(cfg: TrainConfig) -> Path:
     rules = ("unfiltered", "filtered") if cfg.filter_seen is None else \
         (("filtered",) if cfg.filter_seen else ("unfiltered",))
     best = {r: (-1.0, None, {}) for r in rules}  # rule -> (score, state, metrics)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    history: list[dict] = []
+    first = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        for r, b in state["best"].items():
+            best[r] = (b["score"], b["state"], json.loads(b["metrics"]))
+        history = json.loads(state["history"])
+        first = state["epoch"] + 1
+        log.info("resuming the interrupted run in %s after epoch %d of %d", stage, state["epoch"], cfg.epochs)
+
+    def info_now(rule: str, filter_seen: bool) -> dict:
+        return {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
+                "filter_seen": filter_seen, "validation": {r: b[2] for r, b in best.items()},
+                "repeat_rate": stats.repeat_rate, "actions": stats.actions,
+                "seconds": round(time.perf_counter() - t0, 2), "world_size": rdist.world(),
+                "config": {k: v for k, v in asdict(cfg).items() if k not in ("model", "resume")}}
+
+    def best_rule() -> str:
+        return max(rules, key=lambda r: best[r][0])
+
+    @contextmanager
+    def best_weights(restore: bool = True) -> Iterator[str]:
+        """The model holds the best weights so far (of the rule validating best) inside the block."""
+        rule = best_rule()
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()} if restore else None
+        if best[rule][1] is not None:
+            model.load_state_dict(best[rule][1])
+        try:
+            yield rule
+        finally:
+            if current is not None:
+                model.load_state_dict(current)
+
+    ids = ds.semantic_id_dict if mc.use_semantic_ids else None
+    for epoch in range(first, cfg.epochs + 1):
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -282,24 +407,28 @@ def train(cfg: TrainConfig) -> Path:
         for r in rules:
             if m[r]["score"] > best[r][0]:
                 best[r] = (m[r]["score"], copy.deepcopy(model.state_dict()), {"epoch": epoch, **m[r]})
-    rule = max(rules, key=lambda r: best[r][0])
+        if rdist.is_lead() and epoch < cfg.epochs:  # the best so far, and what --resume needs
+            _save_state(stage, cfg, epoch, model, opt, gen, best, history)
+            with best_weights() as rule:
+                write_checkpoint(stage, model, {**info_now(rule, rule == "filtered"), "in_progress": True}, rq,
+                                 rq_feats, ids)
+    rule = best_rule()
     if best[rule][1] is not None:
         model.load_state_dict(best[rule][1])
     filter_seen = rule == "filtered"
     if cfg.filter_seen is None:
         log.info("history filtering %s: best validation score %.4f filtered vs %.4f unfiltered",
                  "on" if filter_seen else "off", best["filtered"][0], best["unfiltered"][0])
-    info = {"data_dir": str(Path(cfg.data_dir).resolve()), "history": history, "best_val_score": best[rule][0],
-            "filter_seen": filter_seen, "validation": {r: b[2] for r, b in best.items()},
-            "repeat_rate": stats.repeat_rate, "actions": stats.actions, "seconds": round(time.perf_counter() - t0, 2),
-            "world_size": rdist.world(), "config": {k: v for k, v in asdict(cfg).items() if k != "model"}}
+    info = info_now(rule, filter_seen)
     if rdist.world() > 1:  # data-parallel replicas must have stayed identical: one checksum per rank
         sums = rdist.gather_rows(torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None].cpu())
         info["replicas_identical"] = bool((sums == sums[0]).all())
         if not info["replicas_identical"]:
             log.warning("data-parallel replicas differ (parameter sums %s): the checkpoint is rank 0's", sums.tolist())
-    if rdist.is_lead():  # one writer
-        save_checkpoint(out, model, info, rq, rq_feats, ds.semantic_id_dict if mc.use_semantic_ids else None)
+    if rdist.is_lead():  # one writer: the finished checkpoint replaces the output folder in one rename
+        write_checkpoint(stage, model, info, rq, rq_feats, ids)
+        (stage / STATE_FILE).unlink(missing_ok=True)
+        publish(stage, out)
         log.info("saved checkpoint to %s (best val score %.4f)", out, best[rule][0])
     rdist.barrier()
     return out
