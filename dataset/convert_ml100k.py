@@ -22,12 +22,20 @@ import json
 import logging
 import os
 import pickle
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from genrec.core.cli import FlagParser, add_bool, add_logging_arguments, fraction, setup_logging
+from genrec.core.cli import (
+    FlagParser,
+    add_bool,
+    add_logging_arguments,
+    fraction,
+    run_cli,
+    setup_logging,
+)
 from genrec.core.safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -179,11 +187,16 @@ def build_parser() -> FlagParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_logging(a)
-    convert(a.out, a.src, a.cold_frac, a.seed, ratings_as_actions=bool(a.ratings_as_actions))
+
+    def body() -> int:
+        convert(a.out, a.src, a.cold_frac, a.seed, ratings_as_actions=bool(a.ratings_as_actions))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,8 @@ from genrec.core.safeio import (DataFormatError, PendingArray, atomic_open, cach
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: the source signature holds inode and ctime
+CACHE_VERSION = 3  # 2: the source signature holds inode and ctime; 3: rows with |value| > MAX_ABS skipped
+MAX_ABS = 1e6  # an embedding value beyond this is garbage (real features are within a few units): its row is skipped
 _CHUNK_BYTES = 16 << 20
 _NAME_RE = re.compile(r"^emb_(\w+?)_(\d+)(\.pkl)?$")
 
@@ -305,8 +306,17 @@ def _parsed_ranges(tasks: list[tuple[str, int, int, int]]):
     _pandas()  # imported once here: forked workers inherit it instead of each importing it
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
+    pool = None
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
         pending = [pool.submit(_parse_range, t) for t in tasks[:2 * workers]]
+    except (OSError, RuntimeError, MemoryError) as e:  # no process or thread to be had (a memory cap, ulimits)
+        log.warning("parse workers cannot start (%s: %s): parsing in this process", type(e).__name__, e)
+        if pool is not None:
+            _stop(pool)
+        yield from map(_parse_range, tasks)
+        return
+    try:
         nxt = len(pending)
         while pending:
             res = pending.pop(0).result()
@@ -314,12 +324,42 @@ def _parsed_ranges(tasks: list[tuple[str, int, int, int]]):
                 pending.append(pool.submit(_parse_range, tasks[nxt]))
                 nxt += 1
             yield res
+    except BaseException:  # Ctrl-C, SIGTERM, a failed chunk, a consumer that stops: the workers stop now
+        _stop(pool)
+        raise
+    pool.shutdown()
+
+
+def _stop(pool: Any) -> None:
+    """End a process pool at once: queued chunks cancelled, running workers terminated (not waited for)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            proc.terminate()
+        except (OSError, ValueError, AttributeError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    """A parse worker: Ctrl-C is the loading process's to handle (the terminal sends it to the whole group), a
+    SIGTERM ends the worker, and the worker dies with its parent."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
 
 
 def _drop_nonfinite(ids: np.ndarray, emb: np.ndarray, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
-    ok = np.isfinite(emb).all(axis=1)
+    """Rows with NaN/inf (after the float32 cast) or any |value| above MAX_ABS are skipped and counted: one huge
+    value is enough to turn the queries of every user who saw the item into NaN."""
+    finite = np.isfinite(emb).all(axis=1)
+    ok = finite & (np.abs(np.where(np.isfinite(emb), emb, 0)) <= MAX_ABS).all(axis=1)
     if not ok.all():
-        skipped["non_finite"] = skipped.get("non_finite", 0) + int((~ok).sum())
+        if (~finite).any():
+            skipped["non_finite"] = skipped.get("non_finite", 0) + int((~finite).sum())
+        if (finite & ~ok).any():
+            skipped["huge"] = skipped.get("huge", 0) + int((finite & ~ok).sum())
         return ids[ok], emb[ok]
     return ids, emb
 
@@ -475,6 +515,8 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
 
     if cdir is not None:
         _clean_stale_temps(cdir, stem)
+    log.info("mm_emb %s: first load of %s (%d file(s), %.0f MiB): parsing%s", fid, path, len(files),
+             sum(f.stat().st_size for f in files) / 2**20, f" into the cache {cdir}" if cdir else " (no cache)")
     try:
         return _parse_feature(path, files, sig, dim, fid, stem, cdir)
     except OSError as e:

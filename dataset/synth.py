@@ -22,6 +22,7 @@ import json
 import logging
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from genrec.core.cli import (FlagParser, add_dataclass_arguments, add_logging_arguments, fraction, from_namespace,
-                             setup_logging)
+                             run_cli, setup_logging)
 from genrec.core.safeio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
@@ -339,12 +340,17 @@ def build_parser() -> FlagParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_logging(a)
-    extra = {k: tuple(getattr(a, k)) for k in ("mm", "mm_noise") if getattr(a, k)}
-    generate(a.out, from_namespace(SynthConfig, a, **extra), a.eval_out)
+
+    def body() -> int:
+        extra = {k: tuple(getattr(a, k)) for k in ("mm", "mm_noise") if getattr(a, k)}
+        generate(a.out, from_namespace(SynthConfig, a, **extra), a.eval_out)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

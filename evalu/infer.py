@@ -190,13 +190,19 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
                                                  ds.target_actions)))
                          for b in range(lo, hi, qb)]) if hi > lo else torch.zeros(0, width, device=device)
     t_embed = time.perf_counter()
+    how: dict[str, Any] = {"backend": cfg.retrieval}
+    for name, x in (("queries", queries), ("candidate_vectors", cand)):  # a backstop: never a NaN in a score
+        bad = ~torch.isfinite(x).all(1)
+        if bool(bad.any()):
+            log.warning("%d %s are not finite: scored as zero vectors", int(bad.sum()), name.replace("_", " "))
+            x[bad] = 0
+            how[f"nonfinite_{name}"] = int(bad.sum())
     # History items: removed (--filter-seen), or scored with the model's learnt offset for them.
     exclude, offset = None, float("-inf") if cfg.filter_seen else model.history_offset()
     if offset != 0:
         pos_of_slot = {int(s): i for i, s in enumerate(slots)}
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
                    for h in ds.histories[lo:hi]]
-    how: dict[str, Any] = {"backend": cfg.retrieval}
     if cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:

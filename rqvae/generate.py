@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dataset.files import load_indexer
-from dataset.mm_emb import MMEmbedding, load_mm_emb
+from dataset.mm_emb import MAX_ABS, MMEmbedding, load_mm_emb
 from genrec.core.safeio import is_writable_dir, write_json
 from dataset.semantic_ids import REPORT_FILE, SEMANTIC_ID_FILE, origin_record, save_semantic_ids
 
@@ -61,11 +61,11 @@ def merge_features(feats: Mapping[str, MMEmbedding]) -> tuple[np.ndarray, np.nda
 
 
 def _usable_rows(x: np.ndarray) -> np.ndarray:
-    """Rows that are finite and not all zero."""
+    """Rows that are finite, within MAX_ABS and not all zero."""
     ok = np.ones(len(x), bool)
     for lo in range(0, len(x), 65536):
-        b = np.asarray(x[lo:lo + 65536])
-        ok[lo:lo + 65536] = np.isfinite(b).all(1) & (np.abs(b).sum(1) > 0)
+        b = np.abs(np.asarray(x[lo:lo + 65536]))
+        ok[lo:lo + 65536] = np.isfinite(b).all(1) & (b <= MAX_ABS).all(1) & (b.sum(1) > 0)
     return ok
 
 

@@ -375,6 +375,7 @@ def test_a_checkpoint_whose_ids_or_rqvae_were_replaced_does_not_serve_them(world
 
 def test_a_file_under_the_right_fingerprint_with_other_codes_is_not_served(world, checkpoint, tmp_path):
     """The fingerprint beside a file is not enough: its codes for the trained items must be the trained ones."""
+    from dataset.semantic_ids import origin_record
     from genrec.recommender.checkpoint import load_checkpoint
 
     _, ev = world
@@ -384,6 +385,9 @@ def test_a_file_under_the_right_fingerprint_with_other_codes_is_not_served(world
     victim = next(c for c in trained if c in sids)
     sids[victim] = [(x + 1) % 256 for x in sids[victim]]
     (ev / "semantic_id_dict.json").write_text(json.dumps({str(k): v for k, v in sids.items()}))
+    report = json.loads((ev / "semantic_id_report.json").read_text())  # the report vouches for these contents
+    report["origin"] = origin_record(ev / "semantic_id_dict.json", load_checkpoint(checkpoint).rqvae.fingerprint())
+    (ev / "semantic_id_report.json").write_text(json.dumps(report))
     boot, served = _served(ev, checkpoint, tmp_path / "again")
     assert any("disagrees" in why for why in boot["rejected"].values()), boot
     assert served[victim] == trained[victim]

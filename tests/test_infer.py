@@ -218,3 +218,45 @@ def test_impossible_rqvae_settings_stop_inference_before_any_work(world, checkpo
     err = capsys.readouterr().err
     assert name in err and "Traceback" not in err
     assert not res.exists() and sorted(p.name for p in ev.iterdir()) == before
+
+
+def test_a_huge_embedding_value_is_skipped_and_no_score_is_ever_nan(world, checkpoint, tmp_path, monkeypatch):
+    """One finite but huge value (1e30) in the row of an item in many histories: the row is skipped and counted,
+    every query and every score stays finite, every user gets 10 items."""
+    from collections import Counter
+
+    import evalu.infer as infer_mod
+    from dataset import TestDataset, load_feature
+    from genrec.recommender.recommender import Recommender
+
+    _, ev = world
+    ds = TestDataset(ev, maxlen=20)
+    popular = Counter(int(c) for h in ds.histories for c in ds.store.creative[h].tolist() if c).most_common(1)[0][0]
+    folder = ev / "creative_emb" / "emb_81_32"  # the feature the model reads
+    for part in sorted(folder.iterdir()):
+        lines = part.read_text().splitlines()
+        for i, ln in enumerate(lines):
+            row = json.loads(ln)
+            if row["anonymous_cid"] == popular:
+                row["emb"][3] = 1e30
+                lines[i] = json.dumps(row)
+        part.write_text("\n".join(lines) + "\n")
+    assert load_feature(ev / "creative_emb", "81").skipped == {"huge": 1}
+    seen = {"queries": [], "scores": []}
+    real_query, real_topk = Recommender.query, infer_mod.topk_scored
+
+    def query(self, *a, **k):
+        q = real_query(self, *a, **k)
+        seen["queries"].append(bool(torch.isfinite(q).all()))
+        return q
+
+    def topk(q, c, *a, **k):
+        seen["scores"].append(bool(torch.isfinite(q.float() @ c.float().T).all()))
+        return real_topk(q, c, *a, **k)
+
+    monkeypatch.setattr(Recommender, "query", query)
+    monkeypatch.setattr(infer_mod, "topk_scored", topk)
+    top, users, rep = run(_cfg(ev, checkpoint, tmp_path))
+    assert seen["queries"] and all(seen["queries"]) and seen["scores"] and all(seen["scores"])
+    assert len(top) == 40 and all(len(t) == 10 for t in top)
+    assert "nonfinite_queries" not in rep["retrieval"]

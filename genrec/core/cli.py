@@ -8,7 +8,9 @@ import copy
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -273,15 +275,32 @@ def _say(message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a run stops the way Ctrl-C stops it (cleanup runs), exit status 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run a CLI's body: a wrong flag value, env var or path found before any work (an error with exit_code 2,
     such as CliError) is one line and exit 2; another ValueError/OSError/ImportError is one line and exit 1 (its
-    traceback logged at DEBUG: --debug or GENREC_DEBUG=1). Anything else is a bug and keeps its traceback."""
+    traceback logged at DEBUG: --debug or GENREC_DEBUG=1). Ctrl-C is exit 130 and SIGTERM exit 143, at any stage
+    (nothing half-written stays: every file is written atomically). Anything else is a bug and keeps its
+    traceback."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return main()
     except (OSError, ValueError, ImportError) as e:
         _say(str(e))
         return int(getattr(e, "exit_code", 1))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
