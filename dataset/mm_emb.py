@@ -16,8 +16,8 @@ import os
 import pickle
 import re
 from contextlib import ExitStack
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -25,8 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 from genrec.core.cli import env_bool, progress_disabled
-from genrec.core.safeio import (DataFormatError, PendingArray, atomic_open, cache_root, finish_pickle, fits_int64,
-                     is_writable_dir, load_pickle, write_json)
+from genrec.core.safeio import (
+    DataFormatError,
+    PendingArray,
+    atomic_open,
+    cache_root,
+    finish_pickle,
+    fits_int64,
+    is_writable_dir,
+    load_pickle,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -430,21 +439,6 @@ def _source_signature(files: list[Path]) -> list[list]:
     return out
 
 
-_STALE_TMP_SECONDS = 600  # a temp file nobody wrote to for this long belongs to a writer that died
-
-
-def _clean_stale_temps(cdir: Path, stem: str) -> None:
-    """Remove temp files of earlier writers of this feature's cache that died (killed mid-write)."""
-    import time
-
-    for t in cdir.glob(f".{stem}.*.tmp"):
-        try:
-            if time.time() - t.stat().st_mtime > _STALE_TMP_SECONDS:
-                t.unlink()
-        except OSError:
-            pass
-
-
 def _die_with_parent() -> None:
     """Parse workers end when the loading process dies, even by kill -9 (Linux; elsewhere a no-op)."""
     try:
@@ -513,8 +507,6 @@ def load_feature(emb_dir: str | os.PathLike, fid: str, cache_dir: str | os.PathL
             log.info("mm_emb %s: %d x %d from cache %s", fid, len(cached), dim, cdir)
             return cached
 
-    if cdir is not None:
-        _clean_stale_temps(cdir, stem)
     log.info("mm_emb %s: first load of %s (%d file(s), %.0f MiB): parsing%s", fid, path, len(files),
              sum(f.stat().st_size for f in files) / 2**20, f" into the cache {cdir}" if cdir else " (no cache)")
     try:

@@ -30,11 +30,11 @@ def _as_offsets(obj: Any, path: Path) -> np.ndarray:
     if isinstance(obj, dict):  # {line_no: offset}
         try:
             return np.asarray([obj[k] for k in sorted(obj)], dtype=np.int64)
-        except Exception as e:
+        except (TypeError, ValueError, OverflowError, KeyError) as e:
             raise DataFormatError(f"{path}: offsets dict is not {{int: int}}: {e!r}") from e
     try:
         arr = np.asarray(obj, dtype=np.int64)
-    except Exception as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise DataFormatError(f"{path}: offsets are not a list of ints: {e!r}") from e
     if arr.ndim != 1:
         raise DataFormatError(f"{path}: offsets must be one-dimensional, got shape {arr.shape}")
@@ -71,12 +71,14 @@ class SeqFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"sequence file not found: {self.path}")
         offsets_path = Path(offsets_path) if offsets_path else self.path.with_name(self.path.stem + "_offsets.pkl")
-        if offsets_path.is_file():
+        if offsets_path.exists():
             try:
                 self.offsets = _as_offsets(load_pickle(offsets_path), offsets_path)
                 why = _stale(self.offsets, self.path)
             except DataFormatError as e:  # the offsets can always be derived from the file itself
                 why = str(e)
+            except OSError as e:  # unreadable (a folder, no permission, an I/O error): the same
+                why = f"unreadable ({e.strerror or e})"
             if why:
                 log.warning("%s: %s; rebuilding offsets by scanning %s", offsets_path.name, why, self.path.name)
                 self.offsets = scan_offsets(self.path)

@@ -29,7 +29,7 @@ from dataset.datasets import is_target
 from genrec.core.alloc import tune_allocator
 from genrec.core.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
                          run_cli, setup_logging)
-from genrec.core.safeio import cache_root, is_writable_dir, write_json
+from genrec.core.safeio import DataFormatError, cache_root, is_writable_dir, write_json
 from genrec.recommender.metrics import rank_metrics, ranks_in_topk, target_weights
 from evalu import shard
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
@@ -240,6 +240,9 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
         ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],
                          sid_accept=id_file_check(rq, trained_ids) if model.cfg.use_semantic_ids else None)
         log.info("test dataset: %d users, %d candidates", len(ds), len(ds.candidate_slots))
+        if not len(ds.candidate_slots):
+            raise DataFormatError(f"{Path(cfg.data_dir) / 'predict_set.jsonl'}: no usable candidate item; nothing "
+                                  f"to recommend")
         t["load_data"] = time.perf_counter()
     with shard.together(d, "checking the results folder"):  # made only now, with model and data read everywhere
         if not is_writable_dir(result_dir):
@@ -256,8 +259,12 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
         cfg = replace(cfg, filter_seen=bool(meta.get("train", {}).get("filter_seen", False)))
     log.info("history filtering %s", "on" if cfg.filter_seen else "off")
     parts, part = (d.world, d.rank) if d.active else (cfg.num_shards, cfg.shard_id)
-    u_lo, u_hi = shard.span(len(ds), parts, part, cfg.query_batch_size)  # whole query batches: same rows as alone
-    idx, t["embed"], share = _retrieve(model, ds, cfg, device, d, (u_lo, u_hi))
+    u_lo, u_hi = shard.span(len(ds), parts, part, 1)  # even shares (sizes differ by at most one user)
+    # ... computed within whole query batches of the single-process grid, so every row is the one a single process
+    # computes; the at most two partial batches at the ends cost one extra batch each.
+    a_lo, a_hi = shard.aligned(u_lo, u_hi, len(ds), cfg.query_batch_size)
+    idx, t["embed"], share = _retrieve(model, ds, cfg, device, d, (a_lo, a_hi))
+    idx = idx[u_lo - a_lo:u_hi - a_lo]
     share = {"users": u_hi - u_lo, **share}
     if d.active:  # rank order = user order
         idx = rdist.gather_rows(torch.as_tensor(idx)).numpy()
@@ -275,7 +282,7 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
                               "device": str(device), "world_size": d.world}
     if cfg.num_shards > 1:
         report["shard"] = {"shard_id": cfg.shard_id, "num_shards": cfg.num_shards, "user_start": u_lo,
-                           "users_total": len(ds)}
+                           "users_total": len(ds), "run": shard.run_fingerprint(ckpt, ds.users, cfg)}
     labels_path = cfg.labels
     if labels_path and Path(labels_path).is_file() and d.lead:
         try:  # metrics are extra: a bad labels file never costs the results
@@ -326,7 +333,9 @@ def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Pat
                                    cfg.mm_emb_id, rq_cfg)
         info = {**asdict(boot), "status": boot.status.value}
         rep_path = Path(boot.path).parent / "semantic_id_report.json" if boot.path else None
-        if cfg.plot and boot.generation and rep_path is not None and rep_path.is_file():
+        if cfg.plot and not boot.generation.get("levels"):  # nothing new was encoded: nothing to draw
+            log.info("--plot: no semantic IDs were made in this run (status %s): no picture", boot.status.value)
+        elif cfg.plot and rep_path is not None and rep_path.is_file():
             from rqvae.plot import plot_report
 
             try:  # a picture is extra: never the reason a run fails

@@ -6,6 +6,7 @@ as it would be alone: the sharded result is identical to the single-process one 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,13 @@ def span(n: int, parts: int, part: int, align: int) -> tuple[int, int]:
     blocks = math.ceil(n / align) if n else 0
     lo_b, hi_b = blocks * part // parts, blocks * (part + 1) // parts
     return min(lo_b * align, n), min(hi_b * align, n)
+
+
+def aligned(lo: int, hi: int, n: int, align: int) -> tuple[int, int]:
+    """[lo, hi) widened to whole `align`-sized blocks of [0, n) (empty stays empty)."""
+    if hi <= lo:
+        return lo, lo
+    return lo // align * align, min(-(-hi // align) * align, n)
 
 
 def topk_user_chunk(query_batch_size: int) -> int:
@@ -108,6 +116,17 @@ def shard_file(shard_id: int, num_shards: int, stem: str = "result") -> str:
     return f"{stem}.shard-{shard_id:04d}-of-{num_shards:04d}.json"
 
 
+def run_fingerprint(checkpoint: Path, users: list[str], cfg: Any) -> str:
+    """What makes shards parts of one run: the checkpoint (its config.json, which names its parts), the test users
+    in order, and the settings that change answers."""
+    h = hashlib.sha256()
+    h.update((Path(checkpoint) / "config.json").read_bytes())
+    h.update(json.dumps([str(u) for u in users]).encode())
+    h.update(json.dumps({k: str(getattr(cfg, k, None)) for k in ("filter_seen", "retrieval", "score_dtype",
+                                                                 "query_batch_size", "num_shards")}).encode())
+    return h.hexdigest()[:16]
+
+
 def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -> Path:
     """Merge the partial results of `--num_shards K --shard_id i` runs in `result_dir` into `result.json`
     (users in predict_seq.jsonl order). Missing, repeated or inconsistent shards are a DataFormatError naming them."""
@@ -125,14 +144,21 @@ def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -
         i, k = int(m.group(1)), int(m.group(2))
         if part.get("shard_id") != i or part.get("num_shards") != k:
             raise DataFormatError(f"{p}: says shard {part.get('shard_id')} of {part.get('num_shards')}, named {i} of {k}")
-        totals.add((k, part.get("users_total")))
+        users_i = part.get("user")
+        if not isinstance(users_i, list) or not isinstance(part.get("top10s"), list) \
+                or any(not isinstance(u, str) or not u for u in users_i):
+            raise DataFormatError(f"{p}: its user list is not a list of user ids")
+        totals.add((k, part.get("users_total"), part.get("run")))
         found[i] = {**part, "_path": p}
     if not found:
         raise DataFormatError(f"{d}: no partial results (result.shard-*-of-*.json) to merge")
     if len(totals) > 1:
-        raise DataFormatError(f"{d}: partial results of different runs (shards, users): {sorted(totals)}; "
-                              "remove the stale ones")
-    (k, users_total), = totals
+        raise DataFormatError(f"{d}: partial results of different runs (shards, users, run): "
+                              f"{sorted(totals, key=str)}; remove the stale ones")
+    (k, users_total, run), = totals
+    if run is None:
+        raise DataFormatError(f"{d}: partial results without a run fingerprint (written by an older version); "
+                              "run the shards again")
     missing = sorted(set(range(k)) - set(found))
     if missing:
         raise DataFormatError(f"{d}: missing shard(s) {missing} of {k}")
@@ -147,6 +173,8 @@ def merge_shards(result_dir: str | os.PathLike, out_name: str = "result.json") -
         expect += len(part["user"])
     if expect != users_total:
         raise DataFormatError(f"{d}: shards hold {expect} users, the run had {users_total}")
+    if len(set(users)) != len(users):
+        raise DataFormatError(f"{d}: {len(users) - len(set(users))} user(s) appear in more than one place")
     out = d / out_name
     write_json(out, {"time": max(float(found[i].get("time", 0)) for i in range(k)), "top10s": top10s, "user": users},
                compact=True)

@@ -139,6 +139,11 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
                     mm_emb_ids, data_path / "creative_emb")
         return {}, model, {"items": 0, "error": "no multimodal feature could be loaded"}
     ids, x = merge_features(feats)
+    if not len(ids):
+        skipped = {f: e.skipped for f, e in feats.items() if e.skipped}
+        log.warning("no semantic IDs generated: the multimodal features %s hold no usable row%s", list(feats),
+                    f" (skipped: {skipped})" if skipped else " (empty part files)")
+        return {}, model, {"items": 0, "error": f"features {list(feats)} hold no usable embedding row"}
     log.info("got %d items' multimodal features, dim %d", len(ids), x.shape[1])
     if model is not None and x.shape[1] != model.in_dim:
         raise ValueError(f"model expects {model.in_dim}-d input, features {list(feats)} merge to {x.shape[1]}-d")
@@ -149,7 +154,7 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
     if len(ids):
         sids, model, report = build_semantic_ids(ids, x, cfg, model, data_parallel)
     else:
-        sids, report = {}, {"items": 0, "source": "all items already had IDs"}
+        sids, report = {}, {"items": 0, "source": "every item with an embedding already had an ID"}
     del x
     report["reused_ids"] = len(known)
     sids.update(known)

@@ -294,3 +294,37 @@ def test_debug_shows_where_a_one_line_error_came_from(capsys, monkeypatch, how):
     err = capsys.readouterr().err
     assert "a bad value in the data" in err and "Traceback" in err and "in body" in err
     setup_logging(argparse.Namespace(debug=None, log_level="INFO", progress=None))
+
+
+@pytest.mark.parametrize("error, code", [(MemoryError(), 1), (RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] "
+                                                                            "Connection closed by peer"), 1)])
+def test_running_out_of_memory_or_ranks_is_one_line(capsys, error, code):
+    import argparse
+
+    import torch
+
+    from genrec.core.cli import run_cli, setup_logging
+
+    setup_logging(argparse.Namespace(debug=None, log_level="INFO", progress=None))
+
+    def body() -> int:
+        raise error
+
+    assert run_cli(body) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    def oom() -> int:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    assert run_cli(oom) == 1 and "out of memory" in capsys.readouterr().err
+
+
+def test_a_runtime_error_that_is_a_bug_keeps_its_traceback():
+    from genrec.core.cli import run_cli
+
+    def body() -> int:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_cli(body)

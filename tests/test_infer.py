@@ -260,3 +260,16 @@ def test_a_huge_embedding_value_is_skipped_and_no_score_is_ever_nan(world, check
     assert seen["queries"] and all(seen["queries"]) and seen["scores"] and all(seen["scores"])
     assert len(top) == 40 and all(len(t) == 10 for t in top)
     assert "nonfinite_queries" not in rep["retrieval"]
+
+
+@pytest.mark.parametrize("retrieval", ["torch", "faiss"])
+def test_an_empty_candidate_pool_is_one_line_not_empty_lists(world, checkpoint, tmp_path, capsys, retrieval):
+    if retrieval == "faiss":
+        pytest.importorskip("faiss")
+    _, ev = world
+    (ev / "predict_set.jsonl").write_text("")
+    res = tmp_path / "res"
+    assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(res),
+                 "--retrieval", retrieval]) == 1
+    err = capsys.readouterr().err
+    assert "no usable candidate" in err and "Traceback" not in err and not (res / "result.json").exists()

@@ -13,7 +13,7 @@ import torch
 
 from dataset import load_semantic_ids, save_semantic_ids
 from dataset.mm_emb import MMEmbedding
-from rqvae import RQVAE, RQVAEConfig, encode, fit, generate_semantic_ids_on_demand, merge_features
+from rqvae import RQVAE, RQVAEConfig, encode, fit, generate_semantic_ids, generate_semantic_ids_on_demand, merge_features
 from rqvae.dedup import dedup_codes
 from rqvae.stats import collision_stats, level_stats
 
@@ -511,3 +511,14 @@ def test_train_rqvae_reads_train_data_path_and_writes_beside_the_data(monkeypatc
     monkeypatch.setenv("TRAIN_DATA_PATH", "/data/x")
     a = train_rqvae.parse_args([])
     assert a.data_dir == "/data/x" and a.output_dir == "/data/x"
+
+
+def test_empty_part_files_write_no_ids_and_say_why(tmp_path, caplog):
+    folder = tmp_path / "creative_emb" / "emb_81_8"
+    folder.mkdir(parents=True)
+    (folder / "part-00000").write_text("")
+    (folder / "part-00001").write_text('{"anonymous_cid": 5, "emb": [1e30, 0, 0, 0, 0, 0, 0, 0]}\n')
+    with caplog.at_level("WARNING"):
+        sids, _, rep = generate_semantic_ids(tmp_path, ["81"], RQVAEConfig(**FAST))
+    assert sids == {} and "no usable embedding row" in rep["error"]
+    assert not (tmp_path / "semantic_id_dict.json").exists()

@@ -92,3 +92,23 @@ def test_atomic_write_failing_mid_write_keeps_the_old_file(tmp_path):
         write_json(p, {"a": 1, "b": object()})  # json.dump fails half way through the object
     assert p.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == [p.name]  # no temp file left behind
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """kill -9 mid-write leaves `.name.XXXX.tmp`: the next atomic write of the same file removes it once it is
+    older than any live writer's (a writer active in the last minutes may still be alive)."""
+    import os
+    import time
+
+    from genrec.core.safeio import STALE_TMP_SECONDS, write_json
+
+    target = tmp_path / "semantic_id_dict.json"
+    dead, live = tmp_path / ".semantic_id_dict.json.abc123.tmp", tmp_path / ".semantic_id_dict.json.def456.tmp"
+    other = tmp_path / ".semantic_id_report.json.abc123.tmp"
+    for p in (dead, live, other):
+        p.write_text("{")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    for p in (dead, other):
+        os.utime(p, (old, old))
+    write_json(target, {"1": [1, 2, 3, 4]})
+    assert not dead.exists() and live.exists() and other.exists()

@@ -75,3 +75,22 @@ def test_seqfile_is_safe_in_forked_dataloader_workers(world):
     ds[0]  # the parent opens the file
     seen = sum(len(b["seq"]) for b in DataLoader(ds, batch_size=4, num_workers=2))
     assert seen == len(ds)
+
+
+def test_unreadable_offsets_are_rebuilt_with_a_warning(tmp_path, caplog):
+    """An offsets file that cannot be read at all (here a folder in its place) costs a rescan, not the run."""
+    _write_seq(tmp_path / "seq.jsonl", ['[[1, 2, null, {}, 0, 0]]', '[[3, 4, null, {}, 1, 0]]'])
+    (tmp_path / "seq_offsets.pkl").mkdir()
+    with caplog.at_level("WARNING"):
+        sf = SeqFile(tmp_path / "seq.jsonl")
+    assert len(sf) == 2 and sf[1][0][1] == 4
+    assert "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("offsets", [{"a": 1}, [2**70], [[0, 1]], {0: "x"}])
+def test_odd_offsets_pickles_are_rebuilt(tmp_path, offsets):
+    import pickle
+
+    _write_seq(tmp_path / "seq.jsonl", ['[[1, 2, null, {}, 0, 0]]', '[[3, 4, null, {}, 1, 0]]'])
+    (tmp_path / "seq_offsets.pkl").write_bytes(pickle.dumps(offsets))
+    assert SeqFile(tmp_path / "seq.jsonl")[1][0][1] == 4

@@ -106,10 +106,10 @@ def test_shards_and_merge_equal_one_run(world, checkpoint, tmp_path, capsys):
 def test_merge_refuses_missing_or_foreign_shards(tmp_path):
     from evalu.shard import merge_shards, shard_file
 
-    def part(i, k, start, users, total=4):
+    def part(i, k, start, users, total=4, run="r1"):
         (tmp_path / shard_file(i, k)).write_text(json.dumps({"shard_id": i, "num_shards": k, "user_start": start,
                                                              "users_total": total, "time": 1.0, "user": users,
-                                                             "top10s": [[1] * 10 for _ in users]}))
+                                                             "top10s": [[1] * 10 for _ in users], "run": run}))
 
     part(0, 2, 0, ["a", "b"])
     with pytest.raises(DataFormatError, match=r"missing shard\(s\) \[1\] of 2"):
@@ -121,8 +121,40 @@ def test_merge_refuses_missing_or_foreign_shards(tmp_path):
     part(1, 2, 1, ["c", "d"])  # overlaps shard 0
     with pytest.raises(DataFormatError, match="overlapping or repeated"):
         merge_shards(tmp_path)
+    part(1, 2, 2, ["c", "d"], run="r2")  # another checkpoint, other data or other settings
+    with pytest.raises(DataFormatError, match="different runs"):
+        merge_shards(tmp_path)
+    part(1, 2, 2, ["a", "d"])  # a user again
+    with pytest.raises(DataFormatError, match="more than one place"):
+        merge_shards(tmp_path)
+    part(1, 2, 2, ["c", None])
+    with pytest.raises(DataFormatError, match="not a list of user ids"):
+        merge_shards(tmp_path)
+    part(1, 2, 2, ["c", "d"], run=None)
+    part(0, 2, 0, ["a", "b"], run=None)
+    with pytest.raises(DataFormatError, match="without a run fingerprint"):
+        merge_shards(tmp_path)
+    part(0, 2, 0, ["a", "b"])
     part(1, 2, 2, ["c", "d"])
     assert json.loads(merge_shards(tmp_path).read_text())["user"] == ["a", "b", "c", "d"]
+
+
+def test_shards_split_users_evenly_and_answer_as_one_process(world, checkpoint, tmp_path):
+    """40 users in 3 shards with 16-user query batches: 13/13/14 users, the merge equals one process."""
+    from evalu.infer import InferConfig, run
+    from evalu.shard import merge_shards, shard_file
+
+    _, ev = world
+    base = dict(data_dir=str(ev), model_dir=str(checkpoint), query_batch_size=16)
+    top, users, _ = run(InferConfig(**base, result_dir=str(tmp_path / "one")))
+    sizes = []
+    for i in range(3):
+        t, u, rep = run(InferConfig(**base, result_dir=str(tmp_path / "sh"), num_shards=3, shard_id=i))
+        sizes.append(len(u))
+        (tmp_path / "sh" / shard_file(i, 3)).write_text(json.dumps({"top10s": t, "user": u, "time": 1, **rep["shard"]}))
+    assert sizes == [13, 13, 14]
+    merged = json.loads(merge_shards(tmp_path / "sh").read_text())
+    assert merged["user"] == users and merged["top10s"] == top
 
 
 def test_shard_flags_are_checked(world, checkpoint, tmp_path):

@@ -249,7 +249,8 @@ def setup_logging(ns: argparse.Namespace | None = None) -> None:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """A stderr handler that writes through tqdm.write: active bars are cleared and redrawn around the line."""
+    """A stderr handler that writes through tqdm.write: active bars are cleared and redrawn around the line. The
+    stream is whatever sys.stderr is at the time (it may have been replaced since the handler was made)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -258,7 +259,7 @@ class _TqdmHandler(logging.StreamHandler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -283,10 +284,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _resource_failure(e: BaseException) -> str | None:
+    """What ran out, for the failures that are the machine's rather than the code's: memory (host or GPU) and
+    the other ranks of a torchrun job (one that died or hangs past GENREC_DIST_TIMEOUT)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return "out of memory (lower --query_batch_size / --batch_size, or use fewer workers)"
+    if type(e).__module__.startswith("torch.distributed") or \
+            type(e).__name__ in ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError") or \
+            any(w in str(e) for w in ("gloo", "NCCL", "Connection closed by peer", "Timed out")):
+        return "another rank of the torchrun job failed or stopped answering (see its log; GENREC_DIST_TIMEOUT)"
+    return None
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run a CLI's body: a wrong flag value, env var or path found before any work (an error with exit_code 2,
     such as CliError) is one line and exit 2; another ValueError/OSError/ImportError is one line and exit 1 (its
-    traceback logged at DEBUG: --debug or GENREC_DEBUG=1). Ctrl-C is exit 130 and SIGTERM exit 143, at any stage
+    traceback logged at DEBUG: --debug or GENREC_DEBUG=1), and so is running out of memory or losing the other
+ranks of a torchrun job. Ctrl-C is exit 130 and SIGTERM exit 143, at any stage
     (nothing half-written stays: every file is written atomically). Anything else is a bug and keeps its
     traceback."""
     previous = None
@@ -297,6 +311,12 @@ def run_cli(main: Callable[[], int]) -> int:
     except (OSError, ValueError, ImportError) as e:
         _say(str(e))
         return int(getattr(e, "exit_code", 1))
+    except (MemoryError, RuntimeError) as e:
+        why = _resource_failure(e)
+        if why is None:
+            raise  # a bug: its traceback
+        _say(f"{why}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return 1
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)

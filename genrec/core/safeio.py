@@ -8,7 +8,9 @@ import os
 import pickle
 import re
 import tempfile
+import time
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -250,10 +252,28 @@ def load_pickle(path: str | os.PathLike, lazy_arrays: bool = False) -> Any:
         raise DataFormatError(f"{path}: not a readable pickle: {e!r}") from e
 
 
+STALE_TMP_SECONDS = 600  # a temp file nobody wrote to for this long belongs to a writer that died (kill -9)
+
+
+def clean_stale_temps(path: Path) -> int:
+    """Remove the temp files of earlier writers of `path` that died mid-write; returns how many."""
+    n = 0
+    for t in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        try:
+            if time.time() - t.stat().st_mtime > STALE_TMP_SECONDS:
+                t.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
-    """Write to a temp file in the same folder, fsync, then rename over `path`; on error the old file stays."""
+    """Write to a temp file in the same folder, fsync, then rename over `path`; on error the old file stays.
+    Temp files that killed writers of `path` left behind are removed first."""
     path = Path(path)
+    clean_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
