@@ -391,3 +391,19 @@ def test_a_file_under_the_right_fingerprint_with_other_codes_is_not_served(world
     boot, served = _served(ev, checkpoint, tmp_path / "again")
     assert any("disagrees" in why for why in boot["rejected"].values()), boot
     assert served[victim] == trained[victim]
+
+
+def test_plot_draws_nothing_when_no_id_was_made(world, checkpoint, tmp_path, monkeypatch):
+    """--plot on the usual path (every candidate's ID reused from the checkpoint, then loaded) draws nothing
+    instead of an empty figure ("0 items, method ?")."""
+    import rqvae.plot as plot
+
+    drawn = []
+    monkeypatch.setattr(plot, "require_matplotlib", lambda: None)
+    monkeypatch.setattr(plot, "plot_report", lambda path: drawn.append(path) or Path(path).with_suffix(".png"))
+    _, ev = world
+    _, _, first = run(_cfg(ev, checkpoint, tmp_path, plot=True))
+    _, _, again = run(_cfg(ev, checkpoint, tmp_path, plot=True))
+    assert first["semantic_id"]["status"] == "encoded" and first["semantic_id"]["generation"]["items"] == 0
+    assert again["semantic_id"]["status"] == "loaded"
+    assert drawn == [] and "plot" not in first["semantic_id"] and "plot" not in again["semantic_id"]
