@@ -58,9 +58,10 @@ def test_a_stop_during_the_first_parse_stops_at_once(world, checkpoint, tmp_path
     assert not (res / "result.json").exists()
     leftovers = [q for q in ev.rglob("*") if q.name.endswith((".tmp", ".lock"))]
     assert not leftovers, leftovers
-    r = subprocess.run([sys.executable, "-m", "evalu.infer", *args], capture_output=True, text=True, cwd=ROOT,
-                       env=env, timeout=300)
-    assert r.returncode == 0 and (res / "result.json").is_file(), r.stderr[-2000:]
+    if sig == signal.SIGINT:  # the rerun works (once is enough: both stops leave the same state, checked above)
+        r = subprocess.run([sys.executable, "-m", "evalu.infer", *args], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+        assert r.returncode == 0 and (res / "result.json").is_file(), r.stderr[-2000:]
 
 
 def test_parse_workers_that_cannot_start_fall_back_to_this_process(tmp_path, monkeypatch, caplog):
