@@ -83,3 +83,20 @@ def test_an_interrupted_save_leaves_the_old_checkpoint_as_it_was(tmp_path, monke
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before
     assert load_checkpoint(d).meta["train"] == {"run": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "a folder", "corrupt"])
+def test_the_checkpoint_s_ids_file_missing_unreadable_or_corrupt_is_one_warning(tmp_path, caplog, damage):
+    """The same answer whatever is wrong with it: a warning naming it, the model served without those IDs."""
+    d = save_checkpoint(tmp_path / "ck", _model(), {}, semantic_ids={3: [1, 2, 3, 4], 7: [0, 1, 2, 3]})
+    assert load_checkpoint(d).trained_ids == {3: [1, 2, 3, 4], 7: [0, 1, 2, 3]}
+    ids = d / "semantic_id_dict.json"
+    ids.unlink()
+    if damage == "a folder":
+        ids.mkdir()
+    elif damage == "corrupt":
+        ids.write_text('{"3": [1, 2')
+    with caplog.at_level("WARNING"):
+        loaded = load_checkpoint(d)
+    assert loaded.trained_ids == {}
+    assert sum("semantic_id_dict.json" in r.getMessage() for r in caplog.records if r.levelname == "WARNING") == 1
