@@ -1,7 +1,7 @@
 """The lazy semantic-ID bootstrap of inference: load the IDs, or make them, or go on without them.
 
-Order: IDs found (data dir, then the results dir) that belong to the checkpoint (made by its RQ-VAE, or of
-unknown origin but agreeing with its trained IDs) -> "loaded semantic_id for N items", and candidates they miss
+Order: IDs found (data dir, then the results dir) that belong to the checkpoint (not made by another RQ-VAE, and
+agreeing with its trained IDs on the items they share) -> "loaded semantic_id for N items", and candidates they miss
 are encoded with the checkpoint's RQ-VAE; only another model's IDs found -> warning, encode with the
 checkpoint's RQ-VAE into the results dir ("replaced"); none found -> "no semantic_id found, trying to
 generate..." -> encode with the checkpoint's RQ-VAE (seconds) or, without one, train a new one -> save ->

@@ -13,7 +13,7 @@ import torch
 
 from dataset.files import load_indexer
 from dataset.mm_emb import MAX_ABS, MMEmbedding, load_mm_emb
-from genrec.core.safeio import is_writable_dir, write_json
+from genrec.core.safeio import DataFormatError, is_writable_dir, write_json
 from dataset.semantic_ids import REPORT_FILE, SEMANTIC_ID_FILE, origin_record, save_semantic_ids
 
 from genrec.core import dist as rdist
@@ -81,7 +81,7 @@ def build_semantic_ids(ids: np.ndarray, x: np.ndarray, cfg: RQVAEConfig, model: 
         log.warning("skipping %d items whose embedding is all zero or not finite", skipped)
         ids, x = ids[ok], x[ok]
     if len(ids) == 0:
-        raise ValueError("no usable embeddings")
+        raise DataFormatError("no usable embeddings (every row all zero, not finite or beyond the value bound)")
     report: dict[str, Any] = {"items": int(len(ids)), "dim": int(x.shape[1]), "skipped_bad_rows": skipped}
     if model is None:
         model, fit_report = fit(x, cfg, data_parallel=data_parallel)
@@ -146,7 +146,8 @@ def generate_semantic_ids(data_path: str | os.PathLike, mm_emb_ids: Iterable[str
         return {}, model, {"items": 0, "error": f"features {list(feats)} hold no usable embedding row"}
     log.info("got %d items' multimodal features, dim %d", len(ids), x.shape[1])
     if model is not None and x.shape[1] != model.in_dim:
-        raise ValueError(f"model expects {model.in_dim}-d input, features {list(feats)} merge to {x.shape[1]}-d")
+        raise DataFormatError(f"the RQ-VAE expects {model.in_dim}-d input; features {list(feats)} of {data_path} "
+                              f"merge to {x.shape[1]}-d")
     known = dict(known or {})
     if known:
         todo = ~np.isin(ids, np.fromiter(known.keys(), np.int64, len(known)))

@@ -520,3 +520,19 @@ def test_empty_part_files_write_no_ids_and_say_why(tmp_path, caplog):
         sids, _, rep = generate_semantic_ids(tmp_path, ["81"], RQVAEConfig(**FAST))
     assert sids == {} and "no usable embedding row" in rep["error"]
     assert not (tmp_path / "semantic_id_dict.json").exists()
+
+
+def test_unusable_or_mismatched_embeddings_are_bad_data_not_a_bug(tmp_path):
+    """What the bootstrap degrades on (DataFormatError), not a bare ValueError it would let through as a bug."""
+    from genrec.core.safeio import DataFormatError
+    from rqvae.generate import build_semantic_ids
+
+    with pytest.raises(DataFormatError, match="no usable embeddings"):
+        build_semantic_ids(np.arange(5), np.zeros((5, 8), np.float32), RQVAEConfig(**FAST))
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    model, _ = fit(x, RQVAEConfig(**FAST))
+    folder = tmp_path / "creative_emb" / "emb_81_4"
+    folder.mkdir(parents=True)
+    (folder / "part-00000").write_text("".join(f'{{"anonymous_cid": {i}, "emb": [1, 2, 3, {i}]}}\n' for i in range(9)))
+    with pytest.raises(DataFormatError, match="expects 8-d input"):
+        generate_semantic_ids(tmp_path, ["81"], RQVAEConfig(**FAST), model)
