@@ -14,8 +14,10 @@ TINY = SynthConfig(users=120, test_users=40, items=300, topics=6, min_len=8, max
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep every cache (mm_emb fallbacks, the demo world) out of the user's home."""
+    """Keep every cache (mm_emb fallbacks, the demo world) out of the user's home, and every bench results file
+    out of the repository's bench/results/."""
     monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("GENREC_BENCH_RESULTS", str(tmp_path_factory.mktemp("bench_results")))
     for var in ("EVAL_DATA_PATH", "EVAL_RESULT_PATH", "MODEL_OUTPUT_PATH", "ALLOW_SEMANTIC_GENERATION",
                 "TRAIN_DATA_PATH", "TRAIN_CKPT_PATH"):
         monkeypatch.delenv(var, raising=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,3 +115,6 @@ def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
     assert len(rows) == 2 and all(ln.rstrip().endswith("| yes |") for ln in rows), r.stdout
+    written = Path(os.environ["GENREC_BENCH_RESULTS"]) / "scale.md"  # a test never writes bench/results/
+    assert written.is_file() and "140000" in written.read_text()
+    assert "--work" not in (BENCH / "results" / "scale.md").read_text()
