@@ -13,11 +13,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train.py` from anywhere: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from genrec.core import dist as rdist
 from genrec.core.alloc import tune_allocator
 from genrec.core.cli import CliError, FlagParser, add_logging_arguments, run_cli, setup_logging
-from genrec.recommender.trainer import TrainConfig, train
-from genrec.core import dist as rdist
 from genrec.core.device import resolve_device
+from genrec.recommender.trainer import TrainConfig, train
 
 
 def build_parser() -> FlagParser:

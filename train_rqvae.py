@@ -15,12 +15,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train_rqvae.py` from anywhere: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from genrec.core import dist as rdist
 from genrec.core.alloc import tune_allocator
 from genrec.core.cli import (CliError, FlagParser, add_bool, add_dataclass_arguments, add_logging_arguments,
                              from_namespace, run_cli, setup_logging)
-from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
-from genrec.core import dist as rdist
 from genrec.core.device import resolve_device
+from rqvae import RQVAEConfig, generate_semantic_ids_on_demand
 
 log = logging.getLogger("train_rqvae")
 

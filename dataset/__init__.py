@@ -1,8 +1,9 @@
 """The competition data layer: safe readers, multimodal embeddings, semantic IDs, datasets and the demo world."""
+from genrec.core.safeio import DataFormatError, UnsafePickleError, atomic_open, load_pickle, write_json
+
 from .datasets import TestDataset, TrainDataset
 from .files import CandidatePool, load_action_types, load_indexer, load_item_feats, load_labels, load_predict_set
 from .mm_emb import MMEmbedding, load_feature, load_mm_emb
-from genrec.core.safeio import DataFormatError, UnsafePickleError, atomic_open, load_pickle, write_json
 from .semantic_ids import (SEMANTIC_ID_FILE, CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids,
                            save_semantic_ids)
 from .seqfile import SeqFile

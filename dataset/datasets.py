@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from genrec.core.safeio import DataFormatError, fits_int64
+
 from .files import load_action_types, load_indexer, load_item_feats, load_predict_set
 from .mm_emb import load_mm_emb
 from .semantic_ids import CorruptSemanticIdFile, find_semantic_id_file, load_semantic_ids

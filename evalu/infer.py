@@ -26,19 +26,19 @@ import torch
 
 from dataset import TestDataset, load_labels
 from dataset.datasets import is_target
-from genrec.core.alloc import tune_allocator
-from genrec.core.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool, from_namespace,
-                         run_cli, setup_logging)
-from genrec.core.safeio import DataFormatError, cache_root, is_writable_dir, write_json
-from genrec.recommender.metrics import rank_metrics, ranks_in_topk, target_weights
 from evalu import shard
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
+from genrec.core import dist as rdist
+from genrec.core.alloc import tune_allocator
+from genrec.core.cli import (CliError, FlagParser, add_dataclass_arguments, add_logging_arguments, env_bool,
+                             from_namespace, run_cli, setup_logging)
+from genrec.core.device import peak_memory_mb, resolve_device
+from genrec.core.safeio import DataFormatError, cache_root, is_writable_dir, write_json
 from genrec.recommender.checkpoint import is_checkpoint, load_checkpoint
+from genrec.recommender.metrics import rank_metrics, ranks_in_topk, target_weights
 from genrec.recommender.recommender import Recommender
 from rqvae import RQVAEConfig
-from genrec.core import dist as rdist
-from genrec.core.device import peak_memory_mb, resolve_device
 
 log = logging.getLogger("evalu.infer")
 

@@ -18,9 +18,9 @@ from typing import Any, Iterator
 
 import torch
 
+from genrec.core import dist as rdist
 from genrec.core.cli import FlagParser, add_logging_arguments, run_cli, setup_logging
 from genrec.core.safeio import DataFormatError, write_json
-from genrec.core import dist as rdist
 
 CAND_CHUNK = 65536  # candidates embedded per call, in one process or many
 TOPK_USER_CHUNK = 256  # at most this many users per score block inside retrieval

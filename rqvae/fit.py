@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import RQVAEConfig
 from genrec.core import dist as rdist
 from genrec.core.device import peak_memory_mb, resolve_device
+
+from .config import RQVAEConfig
 from .model import PCA, RQVAE
 
 log = logging.getLogger(__name__)

@@ -13,13 +13,13 @@ import torch
 
 from dataset.files import load_indexer
 from dataset.mm_emb import MAX_ABS, MMEmbedding, load_mm_emb
-from genrec.core.safeio import DataFormatError, is_writable_dir, write_json
 from dataset.semantic_ids import REPORT_FILE, SEMANTIC_ID_FILE, origin_record, save_semantic_ids
-
 from genrec.core import dist as rdist
+from genrec.core.device import peak_memory_mb
+from genrec.core.safeio import DataFormatError, is_writable_dir, write_json
+
 from .config import RQVAEConfig
 from .dedup import dedup_codes
-from genrec.core.device import peak_memory_mb
 from .fit import encode, fit
 from .model import RQVAE
 from .stats import collision_stats, level_stats

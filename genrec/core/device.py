@@ -5,7 +5,6 @@ import resource
 
 import torch
 
-
 DEVICES = "auto (cuda when available), cpu, cuda, cuda:N"
 
 

@@ -18,9 +18,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from genrec.core.safeio import atomic_open, write_json
 from dataset.semantic_ids import SEMANTIC_ID_FILE, load_semantic_ids, save_semantic_ids
 from dataset.store import FeatureSchema
+from genrec.core.safeio import atomic_open, write_json
 from rqvae import RQVAE
 
 from .recommender import ModelConfig, Recommender

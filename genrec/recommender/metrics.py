@@ -7,7 +7,6 @@ import torch
 
 from dataset.datasets import CONVERSION
 
-
 CONVERSION_WEIGHT = 2.5  # the competition's final round counts a conversion target 2.5 times a click
 
 

@@ -46,7 +46,6 @@ from .sid_embedding import PrefixVocab
 log = logging.getLogger(__name__)
 
 
-
 def parse_target_weights(text: str) -> dict[int, float]:
     """--target_weights: "0:0.1,1:1,2:2.5" -> {action: weight} for exposure 0, click 1, conversion 2 (an action
     left out weighs 1; unknown actions take the exposure's weight). Weights are finite and >= 0, a click's > 0."""
@@ -89,9 +88,10 @@ class TrainConfig:
     num_workers: int = 0
     sid_mm_emb_id: list[str] | None = None  # features the RQ-VAE merges when IDs must be made (default: mm_emb_id)
     sid_method: str = "rqvae"  # how IDs are made when the data dir has none: rqvae | rqkmeans (RQVAEConfig.method)
-    # Validation rule, and what infer.py does by default: "true" ranks without the items of the user's history,
-    # "false" ranks every item, "auto" keeps the best epoch under each rule and then the rule that validates better.
-    filter_seen: bool | None = None  # None (auto): whichever rule validates better
+    # Validation rule, and what infer.py does by default: True ranks without the items of the user's history,
+    # False ranks every item, None (auto) keeps the best epoch under each rule and then the rule that validates
+    # better.
+    filter_seen: bool | None = None
     # Sequences longer than maxlen + 1 train on a window ending at a random position each epoch (false: always
     # the last window, and the items before it are never a training target).
     random_window: bool = True
