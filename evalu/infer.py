@@ -27,6 +27,7 @@ import torch
 from dataset import TestDataset, load_labels
 from dataset.datasets import is_target
 from evalu import shard
+from evalu.generative import PoolIndex, beam_search, generative_top
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from genrec.core import dist as rdist
@@ -54,7 +55,8 @@ class InferConfig:
     mm_emb_id: list[str] | None = None  # features for new semantic IDs (default: the checkpoint RQ-VAE's, else 81)
     allow_semantic_generation: bool = True  # ALLOW_SEMANTIC_GENERATION
     filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
-    retrieval: str = "torch"  # torch | faiss
+    retrieval: str = "torch"  # torch | faiss (exact dense) | generative | hybrid (the generative head's beam)
+    beam_width: int = 64  # generative / hybrid: IDs kept per level of the beam
     # torch retrieval: the dtype candidates are scored in first; below fp32 a shortlist is rescored in fp32 and
     # proven exact per user (evalu.retrieval.topk_shortlist). auto: bf16 on CUDA and on CPUs with bf16
     # instructions (AVX512-BF16, AMX), else fp32.
@@ -66,14 +68,18 @@ class InferConfig:
     num_shards: int = 1  # no-network sharding: this process answers shard `shard_id` of `num_shards` of the users
     shard_id: int = 0
 
-    CHOICES = {"retrieval": ("torch", "faiss"), "score_dtype": ("auto", *SCORE_DTYPES)}
+    CHOICES = {"retrieval": ("torch", "faiss", "generative", "hybrid"), "score_dtype": ("auto", *SCORE_DTYPES)}
     HELP = {"data_dir": "eval data dir (env EVAL_DATA_PATH)", "result_dir": "where result.json goes (env EVAL_RESULT_PATH)",
             "model_dir": "checkpoint folder, or a folder of them: the newest wins (env MODEL_OUTPUT_PATH)",
             "mm_emb_id": "creative_emb features for new semantic IDs (default: the checkpoint RQ-VAE's, else 81)",
             "allow_semantic_generation": "make missing semantic IDs (env ALLOW_SEMANTIC_GENERATION)",
             "filter_seen": "never recommend items already in the user's history (default: what the checkpoint's "
                            "validation chose, see train.py --filter_seen)",
-            "retrieval": "exact top-10 backend", "labels": "labels file ({user_id, creative_id, action_type} per "
+            "retrieval": "torch / faiss: the exact dense top-10; generative: the items behind the generative head's "
+                         "beam over the pool's semantic IDs; hybrid: those plus the items the beam cannot reach (no "
+                         "ID, or never trained on), ranked by the dense score (generative and hybrid need a checkpoint trained with "
+                         "--generative_head true)",
+            "beam_width": "generative / hybrid: semantic IDs the beam keeps at each level", "labels": "labels file ({user_id, creative_id, action_type} per "
                                                           "line) for metrics; default: the data dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
             "score_dtype": "--retrieval torch: score in this dtype first, then rescore a shortlist in float32 (the "
@@ -97,6 +103,8 @@ class InferConfig:
         """Wrong values found before any work (and before any folder is made): CliError, one line."""
         if self.query_batch_size < 1:
             raise CliError(f"--query_batch_size must be >= 1, got {self.query_batch_size}")
+        if self.beam_width < 1:
+            raise CliError(f"--beam_width must be >= 1, got {self.beam_width}")
         if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
             raise CliError(f"--shard_id {self.shard_id} --num_shards {self.num_shards}: want 0 <= shard_id < num_shards")
         if self.num_shards > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -203,13 +211,38 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
         pos_of_slot = {int(s): i for i, s in enumerate(slots)}
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
                    for h in ds.histories[lo:hi]]
-    if cfg.retrieval == "faiss":
+    if cfg.retrieval in ("generative", "hybrid"):
+        idx = _retrieve_generative(model, ds, cfg, queries, cand, offset, (lo, hi), how)
+    elif cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
         _, idx, scored = topk_scored(queries, cand, 10, exclude, offset, cfg.score_dtype, shard.topk_user_chunk(qb))
         how.update(scored)
         idx = idx.numpy()
     return np.asarray(idx, np.int64).reshape(-1, 10), t_embed, {"candidates_embedded": c_hi - c_lo, "retrieval": how}
+
+
+def _retrieve_generative(model: Recommender, ds: TestDataset, cfg: InferConfig, queries: torch.Tensor,
+                         cand: torch.Tensor, offset: float, users: tuple[int, int], how: dict) -> np.ndarray:
+    """Top 10 of users [lo, hi) through the generative head's beam, constrained to the pool's semantic IDs."""
+    slots = ds.candidate_slots
+    index = PoolIndex(ds.store.sid[slots] - 1, model.schema.sid_codebook,  # stored as code + 1; 0: none -> -1
+                      unseen=slots > model.schema.num_items)  # slots past the training items: never trained on
+    pos_of_slot = {int(s): i for i, s in enumerate(slots)}
+    h, qb = model.cfg.hidden, cfg.query_batch_size
+    out, invalid, scored = np.full((users[1] - users[0], 10), -1, np.int64), 0, 0
+    for b in range(0, len(queries), qb):
+        q = queries[b:b + qb]
+        ids, _, bad = beam_search(model.gen, q[:, :h], index, cfg.beam_width)
+        invalid += bad
+        for r in range(len(q)):
+            u = users[0] + b + r
+            hist = np.asarray([pos_of_slot[s] for s in ds.histories[u].tolist() if s in pos_of_slot], np.int64)
+            out[b + r], n = generative_top(ids[r], index, q[r], cand, 10, hist, offset, cfg.retrieval == "hybrid")
+            scored += n
+    how.update({"beam_width": cfg.beam_width, "invalid_ids": invalid, "unreachable_items": int(len(index.unreachable)),
+                "candidates_scored_per_user": round(scored / max(len(queries), 1), 1)})
+    return out
 
 
 def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[int]], list[str], dict]:
@@ -235,6 +268,9 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
         ck = load_checkpoint(ckpt, device)
         model, meta, rq, trained_ids = ck.model, ck.meta, ck.rqvae, ck.trained_ids
         rq_cfg = _rq_config(rq_cfg, cfg, model)
+        if cfg.retrieval in ("generative", "hybrid") and model.gen is None:
+            raise CliError(f"--retrieval {cfg.retrieval}: the checkpoint {ckpt} has no generative head (train with "
+                           f"--generative_head true)")
         log.info("model %s (trained on %s)", ckpt, meta.get("train", {}).get("data_dir", "?"))
         t["load_model"] = time.perf_counter()
         ds = TestDataset(cfg.data_dir, schema=model.schema, maxlen=model.cfg.maxlen, sid_dirs=[result_dir],

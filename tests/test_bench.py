@@ -118,3 +118,14 @@ def test_scale_bench_splits_over_two_processes_with_the_same_top10(tmp_path):
     written = Path(os.environ["GENREC_BENCH_RESULTS"]) / "scale.md"  # a test never writes bench/results/
     assert written.is_file() and "140000" in written.read_text()
     assert "--work" not in (BENCH / "results" / "scale.md").read_text()
+
+
+def test_generative_bench_serves_one_model_three_ways(bench_path, tmp_path):
+    import generative
+
+    runs = generative.main(["--seeds", "0", "--epochs", "1", "--test_users", "60", "--beam_width", "8",
+                            "--keep", str(tmp_path)])
+    assert set(runs) == {"no head, torch", "head, torch", "head, generative", "head, hybrid"}
+    assert all(r["retrieval"]["invalid_ids"] == 0 for r in runs["head, hybrid"])
+    assert 0 <= runs["head, hybrid"][0]["recall_of_dense_top10"] <= 1
+    assert (Path(os.environ["GENREC_BENCH_RESULTS"]) / "generative-demo.md").is_file()

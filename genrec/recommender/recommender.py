@@ -60,12 +60,21 @@ class ModelConfig:
     # The query is conditioned on the action the next item is to be (FiLM on the sequence output, and a scale of the
     # item bias): in training the target's own action, at inference the eval dir's user_action_type.json, else click.
     action_query: bool = True
+    # Generative head: predicts the next item's semantic ID code by code from the query (level l from the query and
+    # the codes before l), trained jointly with the dense loss at `generative_weight`; `--retrieval generative` /
+    # `hybrid` decode it with a beam constrained to the candidate pool's IDs.
+    generative_head: bool = False
+    generative_weight: float = 0.5
     mm_emb_id: list[str] = field(default_factory=lambda: ["81"])
 
     CHOICES = {"sid_embedding": ("prefix", "level")}  # for the CLI
     HELP = {"action_embedding": "each history token carries its action (exposure, click, conversion, unknown)",
             "action_query": "condition the query on the action the next item is to be (training: its own; "
-                            "inference: user_action_type.json, else click)"}
+                            "inference: user_action_type.json, else click)",
+            "generative_head": "also learn to predict the next item's semantic ID code by code (for --retrieval "
+                               "generative / hybrid at inference)",
+            "generative_weight": "weight of the generative head's loss (the mean cross-entropy over the ID's levels) "
+                                 "beside the dense loss"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +112,7 @@ class ItemTower(nn.Module):
         width = (h if self.id_emb is not None else 0) + fd * (len(self.sparse) + len(self.array)) \
             + (h if self.sid is not None else 0) + h * len(self.mm_proj)
         self.out = nn.Sequential(nn.Linear(max(width, 1), h), nn.GELU(), nn.Linear(h, h + int(cfg.item_bias)))
-        for name in ("t_reid", "t_sparse", "t_array", "t_sid_rows", "t_sid_drop"):
+        for name in ("t_reid", "t_sparse", "t_array", "t_sid_rows", "t_sid_drop", "t_codes"):
             self.register_buffer(name, torch.zeros(1, dtype=torch.long), persistent=False)
         self.t_mm: dict[str, torch.Tensor] = {}
 
@@ -117,6 +126,7 @@ class ItemTower(nn.Module):
         if self.sid is not None:
             rows, drop = self.sid.index(store.sid, (slots > 0) & (slots <= self.schema.num_items))
             self.t_sid_rows, self.t_sid_drop = torch.as_tensor(rows, device=dev), torch.as_tensor(drop, device=dev)
+            self.t_codes = torch.as_tensor(store.sid, device=dev)  # code + 1 per level, 0: none
         self.t_mm = {f: torch.as_tensor(store.mm[f], device=dev) for f in self.mm_proj if f in store.mm}
 
     def forward(self, slots: torch.Tensor, drop_id: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,6 +205,34 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+class GenerativeHead(nn.Module):
+    """The next item's semantic ID, code by code: level l's logits from a state that starts as the query and adds
+    an embedding of each code chosen before l (teacher-forced in training, the beam's codes at inference)."""
+
+    def __init__(self, h: int, levels: int, codebook: int):
+        super().__init__()
+        self.levels, self.codebook = levels, codebook
+        self.code_emb = nn.ModuleList(nn.Embedding(codebook, h) for _ in range(levels - 1))
+        self.out = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, codebook))
+                                 for _ in range(levels))
+
+    def logits(self, state: torch.Tensor, level: int) -> torch.Tensor:
+        return self.out[level](state)
+
+    def step(self, state: torch.Tensor, level: int, code: torch.Tensor) -> torch.Tensor:
+        """The state for level + 1 after choosing `code` at `level`."""
+        return state + self.code_emb[level](code)
+
+    def forward(self, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [N, levels, codebook] of the codes [N, levels] (0-based) after queries [N, h]."""
+        state, out = q, []
+        for level in range(self.levels):
+            out.append(self.logits(state, level))
+            if level + 1 < self.levels:
+                state = self.step(state, level, codes[:, level])
+        return torch.stack(out, 1)
+
+
 class Recommender(nn.Module):
     def __init__(self, schema: FeatureSchema, cfg: ModelConfig):
         super().__init__()
@@ -215,6 +253,8 @@ class Recommender(nn.Module):
         self.action_film = nn.Embedding(ACTION_TOKENS, 2 * h + 1) if cfg.action_query else None
         if self.action_film is not None:
             nn.init.zeros_(self.action_film.weight)
+        self.gen = GenerativeHead(h, schema.sid_levels, schema.sid_codebook) \
+            if cfg.generative_head and cfg.use_semantic_ids else None
 
     def history_offset(self) -> float:
         """What to add to the retrieval score (`query` . `item_vectors`) of an item already in the user's
@@ -316,7 +356,8 @@ class Recommender(nn.Module):
                     logits = logits.masked_fill(seen, float("-inf"))
                 elif self.seen_logit is not None:
                     logits = logits + self.seen_logit * seen
-            return _weighted_mean(F.cross_entropy(logits, target - 1, reduction="none"), w)
+            return _weighted_mean(F.cross_entropy(logits, target - 1, reduction="none"), w) \
+                + self._generative_loss(q, target, w)
         pos_logit = (q * vnorm[p_idx]).sum(-1, keepdim=True) / self.cfg.temperature + bw * bias[p_idx, None]
         neg_logit = q @ vnorm[n_idx].T / self.cfg.temperature + bw * bias[n_idx][None, :]
         if first is not None:
@@ -334,7 +375,21 @@ class Recommender(nn.Module):
         neg_logit = neg_logit.masked_fill(n_idx[None, :] == p_idx[:, None], float("-inf"))  # accidental hits
         logits = torch.cat([pos_logit, neg_logit], 1)
         return _weighted_mean(F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev),
-                                              reduction="none"), w)
+                                              reduction="none"), w) + self._generative_loss(q, target, w)
+
+    def _generative_loss(self, q: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """generative_weight x the (action-weighted) mean over targets with a semantic ID of the cross-entropy of
+        their codes, averaged over the levels; 0 without the head."""
+        if self.gen is None:
+            return q.new_zeros(())
+        codes = self.items.t_codes[target]  # code + 1, 0: none
+        has = (codes > 0).all(1)
+        if not bool(has.any()):
+            return q.new_zeros(())
+        logits = self.gen(q[has], codes[has] - 1)
+        ce = F.cross_entropy(logits.flatten(0, 1), (codes[has] - 1).flatten(), reduction="none")
+        return self.cfg.generative_weight * _weighted_mean(ce.view(-1, self.gen.levels).mean(1),
+                                                           w[has] if w is not None else None)
 
 
 def _weighted_mean(losses: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:

@@ -115,6 +115,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
                 raise CliError(f"--{name} {v!r}: must be a finite number " + ("> 0" if name == "lr" else ">= 0"))
+        gw = self.model.generative_weight
+        if isinstance(gw, bool) or not isinstance(gw, (int, float)) or not math.isfinite(gw) or gw < 0:
+            raise CliError(f"--generative_weight {gw!r}: must be a finite number >= 0")
         if self.sid_method not in METHODS:
             raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
         if isinstance(self.filter_seen, str):  # the Python API may say it as the flag does
