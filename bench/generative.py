@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {}
     for seed in a.seeds:
         if a.world == "demo":
-            train_dir, eval_dir = demo_world(work, seed, a.test_users, final_round=True)
+            train_src, eval_src = demo_world(work, seed, a.test_users, final_round=True)
         else:
-            split = ml100k_cold(work / "worlds", seed, 0.1, a.data_root, ratings_as_actions=True)
-            train_dir = eval_dir = fresh_copy(split, work / f"run{seed}")
+            train_src = eval_src = ml100k_cold(work / "worlds", seed, 0.1, a.data_root, ratings_as_actions=True)
         tops = {}
         for head in (False, True):
+            # Each model its own copy of the data: IDs one model's inference writes never meet the other model
+            train_dir = fresh_copy(train_src, work / f"run{seed}_{head}" / "train")
+            eval_dir = train_dir if eval_src == train_src else fresh_copy(eval_src, work / f"run{seed}_{head}" / "eval")
             ck = train(TrainConfig(data_dir=str(train_dir), output_dir=str(work / f"ck{seed}_{head}"), seed=seed,
                                    epochs=a.epochs, device="cpu", model=ModelConfig(generative_head=head),
                                    **WORLD_TRAIN[a.world]))
