@@ -59,7 +59,7 @@ def beam_search(head: torch.nn.Module, q: torch.Tensor, index: PoolIndex, width:
     """The `width` most likely full IDs per query [B, h] under the head, each a prefix of the pool's at every
     level when `constrained`: (ids [B, W] int64 with -1 where fewer exist, summed log-probabilities [B, W],
     how many returned IDs are not in the pool: 0 when constrained)."""
-    B, K = len(q), index.codebook
+    K = index.codebook
     dev = q.device
     logp = torch.log_softmax(head.logits(q, 0).float(), -1)  # [B, K]
     if constrained:

@@ -36,7 +36,7 @@ from genrec.core.cli import (CliError, FlagParser, add_dataclass_arguments, add_
                              from_namespace, run_cli, setup_logging)
 from genrec.core.device import peak_memory_mb, resolve_device
 from genrec.core.safeio import DataFormatError, cache_root, is_writable_dir, write_json
-from genrec.recommender.checkpoint import is_checkpoint, load_checkpoint
+from genrec.recommender.checkpoint import Checkpoint, is_checkpoint, load_checkpoint
 from genrec.recommender.metrics import rank_metrics, ranks_in_topk, target_weights
 from genrec.recommender.recommender import Recommender
 from rqvae import RQVAEConfig
@@ -77,10 +77,11 @@ class InferConfig:
                            "validation chose, see train.py --filter_seen)",
             "retrieval": "torch / faiss: the exact dense top-10; generative: the items behind the generative head's "
                          "beam over the pool's semantic IDs; hybrid: those plus the items the beam cannot reach (no "
-                         "ID, or never trained on), ranked by the dense score (generative and hybrid need a checkpoint trained with "
-                         "--generative_head true)",
-            "beam_width": "generative / hybrid: semantic IDs the beam keeps at each level", "labels": "labels file ({user_id, creative_id, action_type} per "
-                                                          "line) for metrics; default: the data dir's labels.jsonl, if any",
+                         "ID, or never trained on), ranked by the dense score (generative and hybrid need a "
+                         "checkpoint trained with --generative_head true)",
+            "beam_width": "generative / hybrid: semantic IDs the beam keeps at each level",
+            "labels": "labels file ({user_id, creative_id, action_type} per line) for metrics; default: the data "
+                      "dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
             "score_dtype": "--retrieval torch: score in this dtype first, then rescore a shortlist in float32 (the "
                            "same top-10, proven per user); auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
@@ -212,7 +213,7 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
         exclude = [np.asarray([pos_of_slot[s] for s in h.tolist() if s in pos_of_slot], np.int64)
                    for h in ds.histories[lo:hi]]
     if cfg.retrieval in ("generative", "hybrid"):
-        idx = _retrieve_generative(model, ds, cfg, queries, cand, offset, (lo, hi), how)
+        idx = _retrieve_generative(model, ds, cfg, queries, cand, offset, exclude, how)
     elif cfg.retrieval == "faiss":
         _, idx = topk_faiss(queries.float().cpu().numpy(), cand.float().cpu().numpy(), 10, exclude, offset)
     else:
@@ -223,21 +224,21 @@ def _retrieve(model: Recommender, ds: TestDataset, cfg: InferConfig, device: tor
 
 
 def _retrieve_generative(model: Recommender, ds: TestDataset, cfg: InferConfig, queries: torch.Tensor,
-                         cand: torch.Tensor, offset: float, users: tuple[int, int], how: dict) -> np.ndarray:
-    """Top 10 of users [lo, hi) through the generative head's beam, constrained to the pool's semantic IDs."""
+                         cand: torch.Tensor, offset: float, exclude: list[np.ndarray] | None, how: dict) -> np.ndarray:
+    """Top 10 of each query's user through the generative head's beam, constrained to the pool's semantic IDs.
+    `exclude`: each user's history as pool positions (None when the history offset is 0: nothing to do)."""
     slots = ds.candidate_slots
     index = PoolIndex(ds.store.sid[slots] - 1, model.schema.sid_codebook,  # stored as code + 1; 0: none -> -1
                       unseen=slots > model.schema.num_items)  # slots past the training items: never trained on
-    pos_of_slot = {int(s): i for i, s in enumerate(slots)}
     h, qb = model.cfg.hidden, cfg.query_batch_size
-    out, invalid, scored = np.full((users[1] - users[0], 10), -1, np.int64), 0, 0
+    none = np.zeros(0, np.int64)
+    out, invalid, scored = np.full((len(queries), 10), -1, np.int64), 0, 0
     for b in range(0, len(queries), qb):
         q = queries[b:b + qb]
         ids, _, bad = beam_search(model.gen, q[:, :h], index, cfg.beam_width)
         invalid += bad
         for r in range(len(q)):
-            u = users[0] + b + r
-            hist = np.asarray([pos_of_slot[s] for s in ds.histories[u].tolist() if s in pos_of_slot], np.int64)
+            hist = exclude[b + r] if exclude is not None else none
             out[b + r], n = generative_top(ids[r], index, q[r], cand, 10, hist, offset, cfg.retrieval == "hybrid")
             scored += n
     how.update({"beam_width": cfg.beam_width, "invalid_ids": invalid, "unreachable_items": int(len(index.unreachable)),
@@ -285,7 +286,7 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
             raise PermissionError(f"results folder {result_dir} cannot be written")
 
     if model.cfg.use_semantic_ids:
-        boot_info = _bootstrap(cfg, d, ds, result_dir, rq, meta, trained_ids, rq_cfg)
+        boot_info = _bootstrap(cfg, d, ds, result_dir, ck, rq_cfg)
     else:
         boot_info = {"status": "unused (the model was trained without semantic IDs)"}
     t["semantic_ids"] = time.perf_counter()
@@ -358,12 +359,12 @@ def _rq_config(rq_cfg: RQVAEConfig | None, cfg: InferConfig, model: Recommender)
     return rq_cfg
 
 
-def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, rq: Any, meta: dict,
-               trained_ids: dict, rq_cfg: RQVAEConfig) -> dict:
+def _bootstrap(cfg: InferConfig, d: shard.Dist, ds: TestDataset, result_dir: Path, ck: Checkpoint,
+               rq_cfg: RQVAEConfig) -> dict:
     """The semantic-ID bootstrap; under torchrun rank 0 makes the IDs (once, under the lock) while the others
     wait, then load what it wrote, or degrade as it did: every rank serves the same IDs and reports rank 0's
     status."""
-    feats = (meta.get("rqvae") or {}).get("features")
+    rq, feats, trained_ids = ck.rqvae, ck.rqvae_features, ck.trained_ids
     if d.lead:
         boot = ensure_semantic_ids(ds, result_dir, rq, feats, trained_ids, cfg.allow_semantic_generation,
                                    cfg.mm_emb_id, rq_cfg)

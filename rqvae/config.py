@@ -2,12 +2,10 @@
 genrec.core.cli in the CLIs). Impossible settings are refused when the config is made, before any work."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
-from numbers import Integral, Real
 from typing import Any, Mapping
 
-from genrec.core.cli import CliError
+from genrec.core.cli import CliError, check_number, check_whole
 
 METHODS = ("rqvae", "rqkmeans")
 KMEANS_INITS = ("auto", "kmeans++", "random")
@@ -45,19 +43,13 @@ class RQVAEConfig:
             raise bad("kmeans_init", f"must be one of {', '.join(KMEANS_INITS)}")
         for name in ("num_quantizers", "codebook_size", "num_epochs", "batch_size", "latent_dim", "encode_batch_size",
                      "kmeans_iters", "kmeans_sample"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
-                raise bad(name, "must be a whole number >= 1")
+            check_whole(self, name)
         if self.kmeans_sample < self.codebook_size:
             raise bad("kmeans_sample", f"must be >= --codebook_size ({self.codebook_size}): k-means needs a point "
                                        f"per code")
-        if isinstance(self.pca_dim, bool) or not isinstance(self.pca_dim, Integral) or self.pca_dim < 0:
-            raise bad("pca_dim", "must be a whole number >= 0")
-        for name in ("commitment_cost", "lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0 \
-                    or (name == "lr" and v == 0):
-                raise bad(name, "must be a finite number " + (">= 0" if name == "commitment_cost" else "> 0"))
+        check_whole(self, "pca_dim", 0)
+        check_number(self, "commitment_cost")
+        check_number(self, "lr", positive=True)
         try:
             self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
         except (TypeError, ValueError):

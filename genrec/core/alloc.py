@@ -1,8 +1,8 @@
 """glibc's allocator set for batch-sized tensors. By default glibc maps each block above a (moving) threshold of at
 most 32 MiB afresh and hands memory back to the system as soon as the top of the heap is free, so every batch
-of a big job pays its page faults again (the first load of 1M x 32 embeddings: 1.83 s with glibc's defaults,
-1.68 s tuned, bench/results/load_mm_emb.md). The entry points (infer, train.py, train_rqvae.py) keep blocks up
-to 256 MiB in the heap and trim it only past 1 GiB free (in that load: 71 vs 70 MiB peak over the interpreter). GENREC_NO_MALLOC_TUNING=1 leaves the allocator as
+of a big job pays its page faults again (the first load of 1M x 32 embeddings: 2.13 s with glibc's defaults,
+1.57 s tuned, bench/results/load_mm_emb.md). The entry points (infer, train.py, train_rqvae.py) keep blocks up
+to 256 MiB in the heap and trim it only past 1 GiB free (in that load: 71 vs 69 MiB peak over the interpreter). GENREC_NO_MALLOC_TUNING=1 leaves the allocator as
 it is."""
 from __future__ import annotations
 

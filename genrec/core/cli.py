@@ -7,6 +7,8 @@ import argparse
 import copy
 import dataclasses
 import logging
+import math
+import numbers
 import os
 import signal
 import sys
@@ -24,6 +26,23 @@ class CliError(ValueError):
     exit status 2."""
 
     exit_code = 2
+
+
+def check_whole(owner: Any, name: str, least: int = 1) -> None:
+    """Config field `name` of `owner` is a whole number >= `least` (a bool is not), else a CliError naming the
+    flag."""
+    v = getattr(owner, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise CliError(f"--{name} {v!r}: must be a whole number >= {least}")
+
+
+def check_number(owner: Any, name: str, positive: bool = False) -> None:
+    """Config field `name` of `owner` is a finite number >= 0 (> 0 when `positive`; a bool is not), else a
+    CliError naming the flag."""
+    v = getattr(owner, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
+            or (positive and v == 0):
+        raise CliError(f"--{name} {v!r}: must be a finite number " + ("> 0" if positive else ">= 0"))
 
 
 def parse_bool(text: str) -> bool:

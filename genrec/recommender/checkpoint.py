@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from dataset.semantic_ids import SEMANTIC_ID_FILE, load_semantic_ids, save_semantic_ids
+from dataset.semantic_ids import SEMANTIC_ID_FILE, file_sha256, load_semantic_ids, save_semantic_ids
 from dataset.store import FeatureSchema
 from genrec.core.safeio import atomic_open, write_json
 from rqvae import RQVAE
@@ -28,8 +27,6 @@ from .recommender import ModelConfig, Recommender
 log = logging.getLogger(__name__)
 
 MODEL_FILE, CONFIG_FILE, RQVAE_DIR = "model.pt", "config.json", "rqvae"
-
-
 FORMAT_VERSION = 2
 
 
@@ -141,7 +138,7 @@ def write_checkpoint(d: Path, model: Recommender, info: Mapping[str, Any], rqvae
     parts: dict[str, str] = {}
     if semantic_ids:
         save_semantic_ids(d / SEMANTIC_ID_FILE, semantic_ids)
-        parts[SEMANTIC_ID_FILE] = _sha256(d / SEMANTIC_ID_FILE)
+        parts[SEMANTIC_ID_FILE] = file_sha256(d / SEMANTIC_ID_FILE)
     else:
         (d / SEMANTIC_ID_FILE).unlink(missing_ok=True)
     if rqvae is not None:
@@ -151,14 +148,6 @@ def write_checkpoint(d: Path, model: Recommender, info: Mapping[str, Any], rqvae
                                  "rqvae": {"features": rqvae_features} if rqvae is not None else None,
                                  "parts": parts, "train": dict(info)})
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(directory: str | os.PathLike, model: Recommender, info: Mapping[str, Any],
@@ -206,9 +195,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
             log.debug("%s", d / RQVAE_DIR, exc_info=True)
             log.warning("%s: the checkpoint's RQ-VAE cannot be loaded (%s: %s); new items get no semantic IDs from "
                         "it", d / RQVAE_DIR, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        if rq is not None and parts.get(RQVAE_DIR) not in (None, rq.fingerprint()):
+        fingerprint = rq.fingerprint() if rq is not None and RQVAE_DIR in parts else None
+        if fingerprint is not None and fingerprint != parts[RQVAE_DIR]:
             log.warning("%s is not the RQ-VAE this checkpoint was written with (fingerprint %s, config.json says %s): "
-                        "not used; new items get no semantic IDs from it", d / RQVAE_DIR, rq.fingerprint(),
+                        "not used; new items get no semantic IDs from it", d / RQVAE_DIR, fingerprint,
                         parts[RQVAE_DIR])
             rq = None
     sids: dict[int, list[int]] = {}
@@ -216,7 +206,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if model.cfg.use_semantic_ids and (SEMANTIC_ID_FILE in parts or path.exists()):
         why = None
         try:
-            if SEMANTIC_ID_FILE in parts and _sha256(path) != parts[SEMANTIC_ID_FILE]:
+            if SEMANTIC_ID_FILE in parts and file_sha256(path) != parts[SEMANTIC_ID_FILE]:
                 why = "changed since the checkpoint was written"
             else:
                 sids, _ = load_semantic_ids(path, schema.sid_levels, schema.sid_codebook)

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -31,7 +30,8 @@ from tqdm import tqdm
 from dataset import TrainDataset
 from dataset.datasets import ACTION_NAMES
 from genrec.core import dist as rdist
-from genrec.core.cli import CliError, add_dataclass_arguments, from_namespace, parse_bool, progress_disabled
+from genrec.core.cli import (CliError, add_dataclass_arguments, check_number, check_whole, from_namespace, parse_bool,
+                             progress_disabled)
 from genrec.core.device import resolve_device
 from genrec.core.lock import file_lock
 from genrec.core.safeio import atomic_open, is_writable_dir
@@ -107,17 +107,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise CliError(f"--{name} {v!r}: must be a whole number >= 1")
-        for name in ("lr", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
-                raise CliError(f"--{name} {v!r}: must be a finite number " + ("> 0" if name == "lr" else ">= 0"))
-        gw = self.model.generative_weight
-        if isinstance(gw, bool) or not isinstance(gw, (int, float)) or not math.isfinite(gw) or gw < 0:
-            raise CliError(f"--generative_weight {gw!r}: must be a finite number >= 0")
+        check_whole(self, "epochs")
+        check_whole(self, "batch_size")
+        check_number(self, "lr", positive=True)
+        check_number(self, "weight_decay")
+        check_number(self.model, "generative_weight")
         if self.sid_method not in METHODS:
             raise ValueError(f"sid_method must be one of {METHODS}, got {self.sid_method!r}")
         if isinstance(self.filter_seen, str):  # the Python API may say it as the flag does
@@ -374,17 +368,16 @@ def _train(cfg: TrainConfig, out: Path, stage: Path) -> Path:
         return max(rules, key=lambda r: best[r][0])
 
     @contextmanager
-    def best_weights(restore: bool = True) -> Iterator[str]:
+    def best_weights() -> Iterator[str]:
         """The model holds the best weights so far (of the rule validating best) inside the block."""
         rule = best_rule()
-        current = {k: v.detach().clone() for k, v in model.state_dict().items()} if restore else None
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if best[rule][1] is not None:
             model.load_state_dict(best[rule][1])
         try:
             yield rule
         finally:
-            if current is not None:
-                model.load_state_dict(current)
+            model.load_state_dict(current)
 
     ids = ds.semantic_id_dict if mc.use_semantic_ids else None
     for epoch in range(first, cfg.epochs + 1):
