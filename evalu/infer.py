@@ -27,7 +27,7 @@ import torch
 from dataset import TestDataset, load_labels
 from dataset.datasets import is_target
 from evalu import shard
-from evalu.generative import PoolIndex, beam_search, generative_top
+from evalu.generative import PoolIndex, beam_search, generative_topk
 from evalu.retrieval import SCORE_DTYPES, topk_faiss, topk_scored
 from evalu.semantic_bootstrap import ensure_semantic_ids, id_file_check
 from genrec.core import dist as rdist
@@ -56,7 +56,7 @@ class InferConfig:
     allow_semantic_generation: bool = True  # ALLOW_SEMANTIC_GENERATION
     filter_seen: bool | None = None  # drop items already in the user's history; None: as the checkpoint chose
     retrieval: str = "torch"  # torch | faiss (exact dense) | generative | hybrid (the generative head's beam)
-    beam_width: int = 64  # generative / hybrid: IDs kept per level of the beam
+    beam_width: int = 256  # generative / hybrid: IDs kept per level of the beam
     # torch retrieval: the dtype candidates are scored in first; below fp32 a shortlist is rescored in fp32 and
     # proven exact per user (evalu.retrieval.topk_shortlist). auto: bf16 on CUDA and on CPUs with bf16
     # instructions (AVX512-BF16, AMX), else fp32.
@@ -83,9 +83,9 @@ class InferConfig:
             "labels": "labels file ({user_id, creative_id, action_type} per line) for metrics; default: the data "
                       "dir's labels.jsonl, if any",
             "query_batch_size": "users embedded per batch",
-            "score_dtype": "--retrieval torch: score in this dtype first, then rescore a shortlist in float32 (the "
-                           "same top-10, proven per user); auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
-                           "(AVX512-BF16, AMX), else float32",
+            "score_dtype": "--retrieval torch (and hybrid, for the items the beam cannot reach): score in this dtype "
+                           "first, then rescore a shortlist in float32 (the same top-10, proven per user); auto: "
+                           "bfloat16 on CUDA and on CPUs with bf16 instructions (AVX512-BF16, AMX), else float32",
             "plot": "when the bootstrap makes IDs, also draw semantic_id_report.png beside its report (needs matplotlib)",
             "num_shards": "split the users into this many shards, each run anywhere on its own (no network); "
                           "merge with genrec-merge / python -m evalu.shard",
@@ -230,19 +230,34 @@ def _retrieve_generative(model: Recommender, ds: TestDataset, cfg: InferConfig, 
     slots = ds.candidate_slots
     index = PoolIndex(ds.store.sid[slots] - 1, model.schema.sid_codebook,  # stored as code + 1; 0: none -> -1
                       unseen=slots > model.schema.num_items)  # slots past the training items: never trained on
-    h, qb = model.cfg.hidden, cfg.query_batch_size
-    none = np.zeros(0, np.int64)
+    h, qb, hybrid = model.cfg.hidden, cfg.query_batch_size, cfg.retrieval == "hybrid"
+    cold = cand[torch.as_tensor(index.unreachable, device=cand.device)] if hybrid else None  # gathered once
     out, invalid, scored = np.full((len(queries), 10), -1, np.int64), 0, 0
     for b in range(0, len(queries), qb):
         q = queries[b:b + qb]
         ids, _, bad = beam_search(model.gen, q[:, :h], index, cfg.beam_width)
         invalid += bad
-        for r in range(len(q)):
-            hist = exclude[b + r] if exclude is not None else none
-            out[b + r], n = generative_top(ids[r], index, q[r], cand, 10, hist, offset, cfg.retrieval == "hybrid")
-            scored += n
+        out[b:b + qb], n = generative_topk(ids, index, q, cand, 10, exclude[b:b + qb] if exclude is not None else None,
+                                           offset, hybrid, cold, cfg.score_dtype)
+        scored += n
     how.update({"beam_width": cfg.beam_width, "invalid_ids": invalid, "unreachable_items": int(len(index.unreachable)),
                 "candidates_scored_per_user": round(scored / max(len(queries), 1), 1)})
+    return out
+
+
+def _whole_run(ranks: list[dict]) -> dict:
+    """The run's retrieval figures from every rank's: per-user counts summed (or averaged, weighted by users);
+    the candidates are every rank's, so their counts are the same on all."""
+    out: dict[str, Any] = {}
+    for r in ranks:
+        out.update({k: v for k, v in r["retrieval"].items() if k not in out})
+    users = sum(r["users"] for r in ranks)
+    for key in ("invalid_ids", "rescored_in_float32", "nonfinite_queries"):
+        if key in out:
+            out[key] = sum(r["retrieval"].get(key, 0) for r in ranks)
+    if "candidates_scored_per_user" in out:
+        out["candidates_scored_per_user"] = round(sum(r["retrieval"].get("candidates_scored_per_user", 0) * r["users"]
+                                                      for r in ranks) / max(users, 1), 1)
     return out
 
 
@@ -341,6 +356,7 @@ def run(cfg: InferConfig, rq_cfg: RQVAEConfig | None = None) -> tuple[list[list[
                                          "semantic_id_bootstrap": boot_info.get("local_status", boot_info.get("status"))})
         report["ranks"] = ranks
         report["rank"] = d.rank
+        report["retrieval"] = _whole_run(ranks)
         if not d.lead:
             return [], [], report
     return top10s, users, report

@@ -52,3 +52,17 @@ def checkpoint(world_src, tmp_path_factory) -> Path:
                       model=ModelConfig(hidden=16, maxlen=20, num_blocks=1, num_negatives=64))
     logging.getLogger().setLevel(logging.INFO)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def gen_checkpoint(world_src, tmp_path_factory) -> Path:
+    """The same with the generative head (two epochs: a head that has learnt something)."""
+    from genrec.recommender.recommender import ModelConfig
+    from genrec.recommender.trainer import TrainConfig, train
+
+    src = tmp_path_factory.mktemp("gen_src")
+    shutil.copytree(world_src[0], src / "train")
+    out = tmp_path_factory.mktemp("gen") / "ck"
+    return train(TrainConfig(data_dir=str(src / "train"), output_dir=str(out), epochs=2, batch_size=64,
+                             model=ModelConfig(hidden=16, maxlen=20, num_blocks=1, num_negatives=64,
+                                               generative_head=True)))

@@ -124,8 +124,12 @@ def test_generative_bench_serves_one_model_three_ways(bench_path, tmp_path):
     import generative
 
     runs = generative.main(["--seeds", "0", "--epochs", "1", "--test_users", "60", "--beam_width", "8",
-                            "--keep", str(tmp_path)])
-    assert set(runs) == {"no head, torch", "head, torch", "head, generative", "head, hybrid"}
-    assert all(r["retrieval"]["invalid_ids"] == 0 for r in runs["head, hybrid"])
-    assert 0 <= runs["head, hybrid"][0]["recall_of_dense_top10"] <= 1
+                            "--curve", "3000", "--curve_users", "20", "--keep", str(tmp_path)])
+    assert set(runs) == {"no head, torch", "head, torch", "head, generative (beam 8)", "head, hybrid (beam 8)",
+                         "curve"}
+    assert all(r["retrieval"]["invalid_ids"] == 0 for r in runs["head, hybrid (beam 8)"])
+    assert 0 <= runs["head, hybrid (beam 8)"][0]["recall_of_dense_top10"] <= 1
+    curve = runs["curve"]  # exact dense, then hybrid at both cold shares (0 and the world's)
+    assert [r["serving"] for r in curve] == ["dense", "hybrid (beam 8)", "hybrid (beam 8)"]
+    assert curve[1]["cold_share"] == 0 and curve[1]["scored_per_user"] <= 8 < curve[2]["scored_per_user"]
     assert (Path(os.environ["GENREC_BENCH_RESULTS"]) / "generative-demo.md").is_file()

@@ -85,16 +85,34 @@ def test_torchrun_ranks_degrade_together_when_ids_cannot_be_made(world, checkpoi
     assert json.loads((tmp_path / "r2" / "result.json").read_text())["top10s"] == alone["top10s"]
 
 
-def test_shards_and_merge_equal_one_run(world, checkpoint, tmp_path, capsys):
+@pytest.mark.slow
+def test_torchrun_hybrid_retrieval_equals_one_process(world, gen_checkpoint, tmp_path):
+    """Each rank beams for its own users over the whole pool's IDs; the gathered top-10s are one process's."""
+    hybrid = ("--retrieval", "hybrid", "--beam_width", "8")
+    want = _single(_fresh(world, tmp_path, "ev1"), gen_checkpoint, tmp_path / "r1", *hybrid)
+    r = _torchrun(tmp_path, _fresh(world, tmp_path, "ev2"), gen_checkpoint, tmp_path / "r2", *hybrid)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "r2" / "result.json").read_text())
+    assert got["user"] == want["user"] and got["top10s"] == want["top10s"]
+    rep = json.loads((tmp_path / "r2" / "infer_report.json").read_text())
+    assert rep["retrieval"]["backend"] == "hybrid" and rep["retrieval"]["invalid_ids"] == 0
+    assert all(x["users"] > 0 for x in rep["ranks"])
+
+
+@pytest.mark.parametrize("retrieval", ["torch", "hybrid"])
+def test_shards_and_merge_equal_one_run(world, checkpoint, gen_checkpoint, tmp_path, capsys, retrieval):
     from evalu.infer import main
     from evalu.shard import main as merge_main
 
-    want = _single(_fresh(world, tmp_path, "ev1"), checkpoint, tmp_path / "r1")
+    if retrieval == "hybrid":
+        checkpoint = gen_checkpoint
+    want = _single(_fresh(world, tmp_path, "ev1"), checkpoint, tmp_path / "r1", "--retrieval", retrieval)
     ev = _fresh(world, tmp_path, "ev2")
     out = tmp_path / "r2"
     for i in (2, 0, 1):  # any order, any machine
         assert main(["--data_dir", str(ev), "--model_dir", str(checkpoint), "--result_dir", str(out),
-                     "--query_batch_size", "8", "--num_shards", "3", "--shard_id", str(i)]) == 0
+                     "--query_batch_size", "8", "--num_shards", "3", "--shard_id", str(i),
+                     "--retrieval", retrieval]) == 0
     assert not (out / "result.json").exists()
     parts = [json.loads((out / f"result.shard-{i:04d}-of-0003.json").read_text()) for i in range(3)]
     assert all(p["user"] for p in parts)  # every shard got users
