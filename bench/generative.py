@@ -15,6 +15,7 @@ times the stages and says nothing of quality.
     python bench/generative.py [--seeds 0 1 2 --epochs 6 --beam_width 64 256 --threads 1]
     python bench/generative.py --world ml100k-actions --epochs 20 [--data_root DIR]   # ml100k extra
     python bench/generative.py --seeds 0 1 2 --curve 100000 400000 1600000 3600000 --threads 1
+    python bench/generative.py --items 20000 --users 6000 --threads 1                   # a larger pool
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--world", default="demo", choices=["demo", "ml100k-actions"],
                    help="the demo world (final round), or MovieLens-100k with ratings as actions")
     p.add_argument("--data_root", help="ml100k: splits already converted here")
+    p.add_argument("--items", type=int, help="demo: items in the world (default: the demo's)")
+    p.add_argument("--users", type=int, help="demo: training users (default: the demo's)")
     add_run_args(p)
     a = p.parse_args(argv)
     work = start(a, "generative")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     first_ck = None
     for seed in a.seeds:
         if a.world == "demo":
-            train_src, eval_src = demo_world(work, seed, a.test_users, final_round=True)
+            size = {k: v for k, v in (("items", a.items), ("users", a.users)) if v}
+            train_src, eval_src = demo_world(work, seed, a.test_users, final_round=True, **size)
         else:
             train_src = eval_src = ml100k_cold(work / "worlds", seed, 0.1, a.data_root, ratings_as_actions=True)
         tops = {}
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.setdefault(name, []).append(m)
                 say(f"seed {seed} {name}: score {m['overall']['score']:.4f}, cold HR@10 "
                     f"{m['cold_start']['hr@10']:.4f}, retrieve {m['seconds']:.2f} s")
-    world = f"Demo world (final round), {a.test_users} test users" if a.world == "demo" else \
+    size = "".join(f", {v} {k}" for k, v in (("items", a.items), ("training users", a.users)) if v)
+    world = f"Demo world (final round){size}, {a.test_users} test users" if a.world == "demo" else \
         "MovieLens-100k, ratings as actions (cold-start split, 10% of the films new)"
     say(f"\n{world}, {a.epochs} epochs, seeds {a.seeds}, mean ± std; "
         f"{a.threads or 'torch default'} thread(s)\n")
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.curve:
         cold = a.cold_share if a.cold_share is not None else [0.0, round(float(np.mean(shares)), 3)]
         runs["curve"] = curve(first_ck, a.curve, a.curve_users, cold, a.beam_width, say)
-    say.write(f"generative-{a.world}", f"Generative retrieval: {world}")
+    say.write(f"generative-{a.world}" + (f"-items{a.items}" if a.items else "") + (f"-users{a.users}" if a.users else ""),
+              f"Generative retrieval: {world}")
     if a.out:
         Path(a.out).write_text(json.dumps(runs, indent=1))
     return runs

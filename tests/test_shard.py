@@ -263,3 +263,16 @@ from evalu.infer import main"""))
     assert "ERROR cli: rank 1 lost its disk" in r.stderr
     assert "ERROR cli: rank(s) [1] failed during loading; all ranks stop" in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_the_run_report_sums_the_ranks_retrieval_counts():
+    """Under torchrun infer_report.json's `retrieval` is the run's: per-user counts summed or averaged over the
+    users; counts of the candidates (which every rank holds) are not multiplied by the ranks."""
+    from evalu.infer import _whole_run
+
+    ranks = [{"users": 3, "retrieval": {"backend": "hybrid", "invalid_ids": 1, "candidates_scored_per_user": 10.0,
+                                        "nonfinite_candidate_vectors": 2}},
+             {"users": 1, "retrieval": {"backend": "hybrid", "invalid_ids": 2, "candidates_scored_per_user": 2.0,
+                                        "nonfinite_candidate_vectors": 2, "nonfinite_queries": 1}}]
+    assert _whole_run(ranks) == {"backend": "hybrid", "invalid_ids": 3, "candidates_scored_per_user": 8.0,
+                                 "nonfinite_candidate_vectors": 2, "nonfinite_queries": 1}
