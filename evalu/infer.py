@@ -240,8 +240,13 @@ def _retrieve_generative(model: Recommender, ds: TestDataset, cfg: InferConfig, 
         out[b:b + qb], n = generative_topk(ids, index, q, cand, 10, exclude[b:b + qb] if exclude is not None else None,
                                            offset, hybrid, cold, cfg.score_dtype)
         scored += n
+    short = int(((out >= 0).sum(1) < 10).sum())
+    if short:  # a short list is an answer, but never a silent one
+        log.warning("%d users got fewer than 10 items: the items behind %d beam IDs%s are all there are (a wider "
+                    "--beam_width or --retrieval hybrid gives more)", short, cfg.beam_width,
+                    " plus the unreachable ones" if hybrid else "")
     how.update({"beam_width": cfg.beam_width, "invalid_ids": invalid, "unreachable_items": int(len(index.unreachable)),
-                "candidates_scored_per_user": round(scored / max(len(queries), 1), 1)})
+                "candidates_scored_per_user": round(scored / max(len(queries), 1), 1), "users_short_of_10": short})
     return out
 
 
@@ -252,7 +257,7 @@ def _whole_run(ranks: list[dict]) -> dict:
     for r in ranks:
         out.update({k: v for k, v in r["retrieval"].items() if k not in out})
     users = sum(r["users"] for r in ranks)
-    for key in ("invalid_ids", "rescored_in_float32", "nonfinite_queries"):
+    for key in ("invalid_ids", "users_short_of_10", "rescored_in_float32", "nonfinite_queries"):
         if key in out:
             out[key] = sum(r["retrieval"].get(key, 0) for r in ranks)
     if "candidates_scored_per_user" in out:

@@ -137,6 +137,17 @@ def test_generative_and_hybrid_serving_answer_from_the_pool(world, gen_checkpoin
         assert all(len(t) == 10 for t in top)
 
 
+def test_a_beam_too_narrow_for_ten_items_says_so(world, gen_checkpoint, tmp_path, caplog):
+    from evalu.infer import InferConfig, run
+
+    _, ev = world
+    top, _, rep = run(InferConfig(data_dir=str(ev), model_dir=str(gen_checkpoint), result_dir=str(tmp_path / "r"),
+                                  retrieval="generative", beam_width=2))
+    short = sum(len(t) < 10 for t in top)
+    assert short > 0 and rep["retrieval"]["users_short_of_10"] == short
+    assert f"{short} users got fewer than 10 items" in caplog.text
+
+
 def test_generative_retrieval_without_a_head_is_one_line(world, checkpoint, tmp_path, capsys):
     from evalu.infer import main
 
