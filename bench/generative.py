@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     first_ck = None
     for seed in a.seeds:
         if a.world == "demo":
-            size = {k: v for k, v in (("items", a.items), ("users", a.users)) if v}
-            train_src, eval_src = demo_world(work, seed, a.test_users, final_round=True, **size)
+            shape = {k: v for k, v in (("items", a.items), ("users", a.users)) if v}
+            train_src, eval_src = demo_world(work, seed, a.test_users, final_round=True, **shape)
         else:
             train_src = eval_src = ml100k_cold(work / "worlds", seed, 0.1, a.data_root, ratings_as_actions=True)
         tops = {}

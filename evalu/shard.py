@@ -6,6 +6,7 @@ as it would be alone: the sharded result is identical to the single-process one 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -116,14 +117,19 @@ def shard_file(shard_id: int, num_shards: int, stem: str = "result") -> str:
     return f"{stem}.shard-{shard_id:04d}-of-{num_shards:04d}.json"
 
 
+# Inference settings that may differ between the shards of one run: where things are (the checkpoint and the users
+# are fingerprinted themselves), what is only reported or drawn, and which shard a process is.
+PER_SHARD = ("data_dir", "result_dir", "model_dir", "labels", "device", "plot", "shard_id")
+
+
 def run_fingerprint(checkpoint: Path, users: list[str], cfg: Any) -> str:
     """What makes shards parts of one run: the checkpoint (its config.json, which names its parts), the test users
-    in order, and the settings that change answers."""
+    in order, and every setting of the dataclass `cfg` but PER_SHARD (a setting added later counts by default)."""
     h = hashlib.sha256()
     h.update((Path(checkpoint) / "config.json").read_bytes())
     h.update(json.dumps([str(u) for u in users]).encode())
-    h.update(json.dumps({k: str(getattr(cfg, k, None)) for k in ("filter_seen", "retrieval", "score_dtype",
-                                                                 "query_batch_size", "num_shards")}).encode())
+    h.update(json.dumps({f.name: str(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                         if f.name not in PER_SHARD}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -157,6 +157,21 @@ def test_merge_refuses_missing_or_foreign_shards(tmp_path):
     assert json.loads(merge_shards(tmp_path).read_text())["user"] == ["a", "b", "c", "d"]
 
 
+def test_the_run_fingerprint_changes_with_every_setting_that_changes_answers(checkpoint):
+    from dataclasses import replace
+
+    from evalu.infer import InferConfig
+    from evalu.shard import run_fingerprint
+
+    cfg = InferConfig(num_shards=3, retrieval="hybrid")
+    fp = run_fingerprint(checkpoint, ["a", "b"], cfg)
+    assert run_fingerprint(checkpoint, ["a", "b"], replace(cfg, shard_id=2, result_dir="/x", device="cpu")) == fp
+    for change in ({"beam_width": 64}, {"retrieval": "torch"}, {"filter_seen": True}, {"score_dtype": "float32"},
+                   {"query_batch_size": 7}, {"mm_emb_id": ["82"]}):
+        assert run_fingerprint(checkpoint, ["a", "b"], replace(cfg, **change)) != fp, change
+    assert run_fingerprint(checkpoint, ["b", "a"], cfg) != fp
+
+
 def test_shards_split_users_evenly_and_answer_as_one_process(world, checkpoint, tmp_path):
     """40 users in 3 shards with 16-user query batches: 13/13/14 users, the merge equals one process."""
     from evalu.infer import InferConfig, run

@@ -319,9 +319,8 @@ def run_cli(main: Callable[[], int]) -> int:
     """Run a CLI's body: a wrong flag value, env var or path found before any work (an error with exit_code 2,
     such as CliError) is one line and exit 2; another ValueError/OSError/ImportError is one line and exit 1 (its
     traceback logged at DEBUG: --debug or GENREC_DEBUG=1), and so is running out of memory or losing the other
-ranks of a torchrun job. Ctrl-C is exit 130 and SIGTERM exit 143, at any stage
-    (nothing half-written stays: every file is written atomically). Anything else is a bug and keeps its
-    traceback."""
+    ranks of a torchrun job. Ctrl-C is exit 130 and SIGTERM exit 143, at any stage (nothing half-written stays:
+    every file is written atomically). Anything else is a bug and keeps its traceback."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
